@@ -1,0 +1,189 @@
+"""The attention core: softmax, relaxed linear and momentum attention, tokens as rows.
+
+Dimension letters used in every einsum and shape comment:
+
+  B batch, T query positions, S key positions, N query heads, K key/value heads,
+  G = N // K query heads per key/value head (grouped-query attention), H head dim.
+
+Query head ``n`` reads key/value head ``n // G`` (the Hugging Face ``repeat_kv`` order).
+
+Equations (per head, one query ``q_t``; ``mask[t, s]`` says which keys the query may see):
+
+  softmax         Attn(V, K, q_t)   = sum_s softmax_s(scale * q_t . k_s) v_s          (scale = H**-0.5)
+  linear_relaxed  LinAttn(V, K, q_t) = sum_s (q_t . k_s) v_s = V K^T q_t               (Dai et al. eq. 6:
+                                                                                   softmax and scale dropped)
+  momentum        MoAttn(V, K, q_t) = Attn(V, K, q_t) + sum_{i<t} eta**(t-i) v_i      (Dai et al. eq. 13)
+
+For momentum attention the T queries are the *last* T of the S keys (self-attention, possibly after a
+cached prefix of S - T tokens), so query ``t`` sits at key index ``S - T + t``; the momentum sum runs over
+the key indices before it. It is computed in O(S) with ``jax.lax.scan`` through the recurrence
+``m_0 = 0, m_j = eta * (m_{j-1} + v_{j-1})`` (:func:`momentum_values`), whose closed form is
+:func:`momentum_values_closed_form`.
+
+The pieces (:func:`attention_scores`, :func:`attention_weights`, :func:`weighted_values`,
+:func:`momentum_values`) are public so that models can record intermediates without a second code path;
+:func:`attention` composes them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+AttentionKind = Literal["softmax", "linear_relaxed", "momentum"]
+ATTENTION_KINDS: tuple[str, ...] = ("softmax", "linear_relaxed", "momentum")
+
+
+def _check_shapes(q: Array, k: Array, v: Array | None = None) -> tuple[int, int]:
+  """Checks [B, T, N, H] / [B, S, K, H] shapes and returns (K, G)."""
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"q and k must be [batch, seq, heads, head_dim]; got q{q.shape}, k{k.shape}")
+  num_heads, num_kv_heads = q.shape[2], k.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(
+        f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+  if v is not None and (v.shape[:3] != k.shape[:3]):
+    raise ValueError(f"k and v must agree in [batch, seq, heads]; got k{k.shape}, v{v.shape}")
+  return num_kv_heads, num_heads // num_kv_heads
+
+
+def causal_mask(num_queries: int, num_keys: int) -> Bool[Array, "T S"]:
+  """[T, S] bool mask where query t (key index S - T + t) sees keys s <= S - T + t."""
+  if num_keys < num_queries:
+    raise ValueError(f"causal mask needs num_keys >= num_queries; got {num_keys} < {num_queries}")
+  query_index = jnp.arange(num_queries)[:, None] + (num_keys - num_queries)
+  return jnp.arange(num_keys)[None, :] <= query_index
+
+
+def attention_scores(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
+                     *, scale: float | None = None) -> Float[Array, "B N T S"]:
+  """Pre-softmax, pre-mask scores ``scale * q_t . k_s`` per query head: [B, N, T, S]."""
+  num_kv_heads, group = _check_shapes(q, k)
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  batch, num_queries, _, head_dim = q.shape
+  # [batch, query_seq, kv_heads, group, head_dim]
+  grouped_q = q.reshape(batch, num_queries, num_kv_heads, group, head_dim)
+  # [batch, kv_heads, group, query_seq, key_seq]
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", grouped_q * scale, k)
+  return scores.reshape(batch, num_kv_heads * group, num_queries, k.shape[1])
+
+
+def attention_weights(scores: Float[Array, "B N T S"], mask: Bool[Array, "... T S"] | None,
+                      kind: AttentionKind) -> Float[Array, "B N T S"]:
+  """Turns scores into mixing weights: masked softmax (in at least float32), or masked scores.
+
+  ``softmax`` and ``momentum`` use the softmax; ``linear_relaxed`` uses the raw scores with masked
+  entries set to 0. ``mask`` broadcasts against [B, T, S] (a head axis is inserted).
+  """
+  if kind not in ATTENTION_KINDS:
+    raise ValueError(f"unknown attention kind {kind!r}; choose one of {ATTENTION_KINDS}")
+  if mask is not None:
+    mask = jnp.expand_dims(mask, -3)  # [..., 1, T, S] broadcasts over heads
+  if kind == "linear_relaxed":
+    return scores if mask is None else jnp.where(mask, scores, jnp.zeros((), scores.dtype))
+  softmax_dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  logits = scores.astype(softmax_dtype)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(softmax_dtype).min)
+  return jax.nn.softmax(logits, axis=-1).astype(scores.dtype)
+
+
+def weighted_values(weights: Float[Array, "B N T S"], v: Float[Array, "B S K H"]) -> Float[Array, "B T N H"]:
+  """``out_t = sum_s weights[t, s] v_s`` per query head, grouped-query aware: [B, T, N, H]."""
+  batch, num_heads, num_queries, num_keys = weights.shape
+  num_kv_heads = v.shape[2]
+  group = num_heads // num_kv_heads
+  # [batch, kv_heads, group, query_seq, key_seq]
+  grouped = weights.reshape(batch, num_kv_heads, group, num_queries, num_keys)
+  # [batch, query_seq, kv_heads, group, head_dim]
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", grouped, v.astype(weights.dtype))
+  return out.reshape(batch, num_queries, num_heads, v.shape[-1])
+
+
+def momentum_values(v: Float[Array, "B S K H"], eta: float | Array) -> Float[Array, "B S K H"]:
+  """``m_j = sum_{i<j} eta**(j-i) v_i`` by the O(S) scan ``m_0 = 0, m_j = eta (m_{j-1} + v_{j-1})``.
+
+  ``eta`` is a scalar or broadcasts against [K] (one value per key/value head).
+  """
+  eta = jnp.asarray(eta, dtype=v.dtype)
+  # [seq, batch, kv_heads, head_dim]
+  values_by_step = jnp.swapaxes(v, 0, 1)
+  eta_b = eta[..., None] if eta.ndim else eta  # [K, 1] broadcasts over head_dim
+
+  def step(carry, value):
+    momentum = carry  # m_j, emitted for position j
+    return eta_b * (momentum + value), momentum
+
+  _, momenta = jax.lax.scan(step, jnp.zeros_like(values_by_step[0]), values_by_step)
+  return jnp.swapaxes(momenta, 0, 1)
+
+
+def momentum_values_closed_form(v: Float[Array, "B S K H"], eta: float | Array) -> Float[Array, "B S K H"]:
+  """The closed form ``m_j = sum_{i<j} eta**(j-i) v_i`` as an explicit [S, S] weighted sum (O(S^2))."""
+  eta = jnp.asarray(eta, dtype=v.dtype)
+  num_keys = v.shape[1]
+  gap = jnp.arange(num_keys)[:, None] - jnp.arange(num_keys)[None, :]  # j - i, [S, S]
+  eta_k = eta.reshape((-1,) + (1, 1)) if eta.ndim else eta[None, None, None]  # [K or 1, 1, 1]
+  # [kv_heads or 1, seq_j, seq_i]; 0 ** 0 never occurs because the diagonal is masked out
+  decay = jnp.where(gap > 0, eta_k ** jnp.maximum(gap, 1).astype(v.dtype), 0.0)
+  return jnp.einsum("KJI,BIKH->BJKH", jnp.broadcast_to(decay, (v.shape[2], num_keys, num_keys)), v)
+
+
+def add_momentum(out: Float[Array, "B T N H"], v: Float[Array, "B S K H"],
+                 eta: float | Array) -> Float[Array, "B T N H"]:
+  """Adds ``sum_{i<t} eta**(t-i) v_i`` to each query head; queries are the last T of the S keys."""
+  batch, num_queries, num_heads, head_dim = out.shape
+  num_kv_heads = v.shape[2]
+  # [batch, query_seq, kv_heads, head_dim]
+  momenta = momentum_values(v, eta)[:, v.shape[1] - num_queries:]
+  grouped = out.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  return (grouped + momenta[:, :, :, None, :].astype(out.dtype)).reshape(out.shape)
+
+
+def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
+              *, kind: AttentionKind = "softmax", mask: Bool[Array, "... T S"] | None = None,
+              eta: float | Array | None = None, scale: float | None = None) -> Float[Array, "B T N H"]:
+  """Multi-head (grouped-query) attention of the given ``kind``: [B, T, N, H].
+
+  Args:
+    q: queries [B, T, N, H].
+    k, v: keys and values [B, S, K, H] with N % K == 0.
+    kind: ``"softmax"``, ``"linear_relaxed"`` (no softmax, no scaling) or ``"momentum"``.
+    mask: bool, broadcastable to [B, T, S]; True where the query may attend. ``None`` attends to all.
+    eta: momentum coefficient, required for ``kind="momentum"`` (scalar or one per kv head).
+    scale: score scale; default ``H**-0.5`` for softmax/momentum and ``1`` for ``linear_relaxed``.
+  """
+  _check_shapes(q, k, v)
+  if kind not in ATTENTION_KINDS:
+    raise ValueError(f"unknown attention kind {kind!r}; choose one of {ATTENTION_KINDS}")
+  if kind == "momentum" and eta is None:
+    raise ValueError("momentum attention needs eta (e.g. eta=0.5); it has no default")
+  if kind == "linear_relaxed" and scale is None:
+    scale = 1.0
+  scores = attention_scores(q, k, scale=scale)
+  weights = attention_weights(scores, mask, kind)
+  out = weighted_values(weights, v)
+  if kind == "momentum":
+    out = add_momentum(out, v, eta)
+  return out.astype(q.dtype)
+
+
+def softmax_attention(q, k, v, *, mask=None, scale=None):
+  """Scaled dot-product softmax attention, [B, T, N, H]; see :func:`attention`."""
+  return attention(q, k, v, kind="softmax", mask=mask, scale=scale)
+
+
+def linear_attention(q, k, v, *, mask=None):
+  """Relaxed linear attention ``sum_s (q_t . k_s) v_s`` (no softmax, no scaling), [B, T, N, H]."""
+  return attention(q, k, v, kind="linear_relaxed", mask=mask)
+
+
+def momentum_attention(q, k, v, *, eta, mask=None, scale=None):
+  """``Attn(V, K, q_t) + sum_{i<t} eta**(t-i) v_i`` (Dai et al. eq. 13), [B, T, N, H]."""
+  return attention(q, k, v, kind="momentum", mask=mask, eta=eta, scale=scale)

@@ -1,0 +1,342 @@
+"""One decoder-only Transformer in Flax NNX for the fairseq dense GPT and Llama families.
+
+``model(tokens)`` maps int32 tokens [B, T] to logits [B, T, V]. :meth:`Transformer.forward` adds what
+the analysis needs, with no cost to the plain path when unused:
+
+* a prefix (KV) cache: ``cache = model.encode_prefix(context[None])`` encodes a shared context once;
+  ``model.forward(batch, cache=cache)`` runs a right-padded batch of continuations against it and equals
+  a full forward of each concatenated sequence (right padding needs no mask under causal attention);
+* logits only where needed: ``logit_positions`` [B, P] computes [B, P, V] instead of [B, T, V];
+* hook points: ``record=RecordSpec(...)`` with ``record_positions`` [B, P] returns, per layer, at those
+  positions: ``attn_out`` [B, P, D] (attention block output after the output projection, bias included,
+  before the residual add), ``scores`` [B, P, N, S] (pre-softmax, pre-mask ``q.k / sqrt(H)`` after RoPE,
+  over all S = cache + T keys), ``weights`` [B, P, N, S] (post-softmax mixing weights) and ``queries``
+  [B, P, N, H] (``q_proj(norm(x)) / sqrt(H)``, before RoPE);
+* a per-layer attention kind (softmax, relaxed linear, momentum with eta) through the attention core,
+  switched with :func:`set_attention`.
+
+Residual stream per layer (pre-norm): ``x = x + Attn(norm1(x)); x = x + MLP(norm2(x))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dualform import attention as attn_core
+from dualform.models.config import TransformerConfig
+
+_INIT_STDDEV = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSpec:
+  """Which per-layer intermediates to record at ``record_positions`` (all off by default)."""
+
+  attn_out: bool = False
+  scores: bool = False
+  weights: bool = False
+  queries: bool = False
+
+  @property
+  def any(self) -> bool:
+    return self.attn_out or self.scores or self.weights or self.queries
+
+
+RECORD_ALL = RecordSpec(attn_out=True, scores=True, weights=True, queries=True)
+
+
+class KVCache(NamedTuple):
+  """Keys (after RoPE) and values of an encoded prefix, batch 1: per layer [1, C, K, H]."""
+
+  keys: tuple[Array, ...]
+  values: tuple[Array, ...]
+
+  @property
+  def length(self) -> int:
+    return self.keys[0].shape[1]
+
+
+class ForwardOutput(NamedTuple):
+  """Result of :meth:`Transformer.forward`.
+
+  logits: [B, T, V], or [B, P, V] when ``logit_positions`` was given.
+  records: per-layer dicts of recorded arrays (empty tuple when nothing was recorded).
+  cache: the KV cache of this call's tokens when ``return_cache`` was set, else None.
+  """
+
+  logits: Array
+  records: tuple[dict[str, Array], ...]
+  cache: KVCache | None
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _normal_init():
+  return nnx.initializers.normal(stddev=_INIT_STDDEV)
+
+
+def fairseq_sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Float[Array, "P D"]:
+  """fairseq's ``SinusoidalPositionalEmbedding`` table [P, D]: ``[sin(p f) | cos(p f)]``,
+  ``f_k = exp(-k ln(10000) / (D/2 - 1))``, row ``padding_idx`` zero."""
+  half = dim // 2
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * freqs[None, :]
+  table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+  return table.at[padding_idx].set(0.0)
+
+
+def fairseq_positions(positions: Int[Array, "B T"], dim: int) -> Float[Array, "B T D"]:
+  """The fairseq sinusoid evaluated at absolute position ids [B, T] (no table; jit friendly)."""
+  half = dim // 2
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  angles = positions.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], theta: float) -> Float[Array, "B T N H"]:
+  """Rotate-half RoPE (Hugging Face layout): ``x cos + rotate_half(x) sin``, angles ``p / theta**(2i/H)``."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  # [batch, seq, head_dim / 2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  first, second = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return x * cos + rotated * sin
+
+
+def _gather_positions(x: Array, positions: Int[Array, "B P"]) -> Array:
+  """x[b, positions[b, p], ...] for x [B, T, ...]: [B, P, ...]."""
+  return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _make_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+  kwargs = dict(epsilon=config.norm_eps, dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype),
+                rngs=rngs)
+  if config.norm == "layernorm":
+    return nnx.LayerNorm(config.embed_dim, **kwargs)
+  return nnx.RMSNorm(config.embed_dim, **kwargs)
+
+
+def _linear(in_dim: int, out_dim: int, config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_dim, out_dim, use_bias=config.use_bias, dtype=_dtype(config.dtype),
+                    param_dtype=_dtype(config.param_dtype), kernel_init=_normal_init(), rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head grouped-query self-attention with projections; kind and eta are static attributes."""
+
+  def __init__(self, config: TransformerConfig, layer: int, rngs: nnx.Rngs):
+    self.config = config
+    self.kind, self.eta = config.layer_attention(layer)
+    dim, heads, kv_heads, head_dim = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    self.q_proj = _linear(dim, heads * head_dim, config, rngs)
+    self.k_proj = _linear(dim, kv_heads * head_dim, config, rngs)
+    self.v_proj = _linear(dim, kv_heads * head_dim, config, rngs)
+    self.o_proj = _linear(heads * head_dim, dim, config, rngs)
+
+  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], prefix: tuple[Array, Array] | None,
+               record: RecordSpec | None, record_positions: Int[Array, "B P"] | None):
+    """Returns (out [B, T, D], (keys, values) of these tokens [B, T, K, H], records dict)."""
+    cfg = self.config
+    batch, seq, _ = x.shape
+    # [batch, seq, heads, head_dim]
+    q = self.q_proj(x).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    # [batch, seq, kv_heads, head_dim]
+    k = self.k_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    unrotated_q = q
+    if cfg.positions == "rope":
+      q = apply_rope(q, positions, cfg.rope_theta)
+      k = apply_rope(k, positions, cfg.rope_theta)
+    new_kv = (k, v)
+    if prefix is not None:
+      prefix_k, prefix_v = prefix
+      k = jnp.concatenate([jnp.broadcast_to(prefix_k, (batch,) + prefix_k.shape[1:]).astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([jnp.broadcast_to(prefix_v, (batch,) + prefix_v.shape[1:]).astype(v.dtype), v], axis=1)
+    mask = attn_core.causal_mask(seq, k.shape[1])
+    scale = None if self.kind != "linear_relaxed" else 1.0
+    # [batch, heads, seq, keys]
+    scores = attn_core.attention_scores(q, k, scale=scale)
+    weights = attn_core.attention_weights(scores, mask, self.kind)
+    out = attn_core.weighted_values(weights, v)
+    if self.kind == "momentum":
+      out = attn_core.add_momentum(out, v, self.eta)
+    out = self.o_proj(out.astype(x.dtype).reshape(batch, seq, cfg.num_heads * cfg.head_dim))
+
+    records = {}
+    if record is not None and record.any:
+      if record.attn_out:
+        records["attn_out"] = _gather_positions(out, record_positions)
+      if record.scores or record.weights:
+        # [batch, P, heads, keys]
+        picked = lambda a: _gather_positions(jnp.swapaxes(a, 1, 2), record_positions)
+        if record.scores:
+          records["scores"] = picked(scores if scale is None else scores * cfg.head_dim ** -0.5)
+        if record.weights:
+          records["weights"] = picked(weights)
+      if record.queries:
+        records["queries"] = _gather_positions(unrotated_q * cfg.head_dim ** -0.5, record_positions)
+    return out, new_kv, records
+
+
+class MLP(nnx.Module):
+  """fairseq: ``fc2(gelu_erf(fc1 x))``; llama: ``down(silu(gate x) * up x)``."""
+
+  def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+    self.kind = config.mlp
+    if self.kind == "gelu":
+      self.fc1 = _linear(config.embed_dim, config.mlp_dim, config, rngs)
+      self.fc2 = _linear(config.mlp_dim, config.embed_dim, config, rngs)
+    else:
+      self.gate_proj = _linear(config.embed_dim, config.mlp_dim, config, rngs)
+      self.up_proj = _linear(config.embed_dim, config.mlp_dim, config, rngs)
+      self.down_proj = _linear(config.mlp_dim, config.embed_dim, config, rngs)
+
+  def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    if self.kind == "gelu":
+      return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: ``x + Attn(norm(x))`` then ``x + MLP(norm(x))``."""
+
+  def __init__(self, config: TransformerConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = _make_norm(config, rngs)
+    self.attn = Attention(config, layer, rngs)
+    self.mlp_norm = _make_norm(config, rngs)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, positions, prefix, record, record_positions):
+    attn_out, new_kv, records = self.attn(self.attn_norm(x), positions, prefix, record, record_positions)
+    x = x + attn_out
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, new_kv, records
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model; see the module docstring for the call forms."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = nnx.Embed(config.vocab_size, config.embed_dim, dtype=_dtype(config.dtype),
+                           param_dtype=_dtype(config.param_dtype), embedding_init=_normal_init(), rngs=rngs)
+    self.layers = nnx.List([Block(config, layer, rngs) for layer in range(config.num_layers)])
+    self.final_norm = _make_norm(config, rngs)
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(config.embed_dim, config.vocab_size, use_bias=False, dtype=_dtype(config.dtype),
+                                param_dtype=_dtype(config.param_dtype), kernel_init=_normal_init(), rngs=rngs)
+
+  def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+    """Logits [B, T, V] of a plain forward pass from position 0."""
+    return self.forward(tokens).logits
+
+  def default_positions(self, batch: int, seq: int, offset: int = 0) -> Int[Array, "B T"]:
+    """Absolute position ids of tokens ``offset .. offset + seq - 1`` (fairseq adds padding_idx + 1)."""
+    ids = jnp.arange(seq, dtype=jnp.int32) + offset + self.config.first_position
+    return jnp.broadcast_to(ids, (batch, seq))
+
+  def embed_tokens(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    cfg = self.config
+    x = self.embed(tokens)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(cfg.embed_dim), x.dtype)
+    if cfg.positions == "sinusoidal":
+      x = x + fairseq_positions(positions, cfg.embed_dim).astype(x.dtype)
+    return x
+
+  def unembed(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:
+    """Final norm then the (tied or separate) output projection."""
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      return self.embed.attend(x)
+    return self.lm_head(x)
+
+  def forward(self, tokens: Int[Array, "B T"], *, cache: KVCache | None = None,
+              positions: Int[Array, "B T"] | None = None, logit_positions: Int[Array, "B P"] | None = None,
+              record: RecordSpec | None = None, record_positions: Int[Array, "B P"] | None = None,
+              return_cache: bool = False) -> ForwardOutput:
+    """Forward pass with optional prefix cache, partial logits, recording and cache output.
+
+    Args:
+      tokens: int32 [B, T]; with ``cache`` they continue the cached prefix of C tokens.
+      cache: a batch-1 prefix cache from :meth:`encode_prefix`, shared by every row.
+      positions: absolute position ids [B, T]; default follows the cache (``C + arange(T)``).
+      logit_positions: int [B, P] indices into T; logits are computed only there.
+      record: which intermediates to record; needs ``record_positions`` [B, P] (indices into T).
+      return_cache: also return this call's keys/values as a :class:`KVCache` (for batch 1 prefixes).
+    """
+    cfg = self.config
+    batch, seq = tokens.shape
+    offset = 0 if cache is None else cache.length
+    if not isinstance(offset, int) or offset + seq > cfg.max_len:
+      if isinstance(offset, int):
+        raise ValueError(f"sequence of {offset + seq} tokens exceeds the model context of {cfg.max_len}")
+    if record is not None and record.any and record_positions is None:
+      raise ValueError("record needs record_positions [batch, P] (indices into the token axis)")
+    if cache is not None and len(cache.keys) != cfg.num_layers:
+      raise ValueError(f"cache has {len(cache.keys)} layers, model has {cfg.num_layers}")
+    if positions is None:
+      positions = self.default_positions(batch, seq, offset)
+    x = self.embed_tokens(tokens, positions)
+    all_records, keys, values = [], [], []
+    for layer, block in enumerate(self.layers):
+      prefix = None if cache is None else (cache.keys[layer], cache.values[layer])
+      x, (k, v), records = block(x, positions, prefix, record, record_positions)
+      all_records.append(records)
+      if return_cache:
+        keys.append(k)
+        values.append(v)
+    if logit_positions is not None:
+      x = _gather_positions(x, logit_positions)
+    logits = self.unembed(x)
+    new_cache = KVCache(tuple(keys), tuple(values)) if return_cache else None
+    records_out = tuple(all_records) if record is not None and record.any else ()
+    return ForwardOutput(logits, records_out, new_cache)
+
+  def encode_prefix(self, tokens: Int[Array, "1 C"]) -> KVCache:
+    """Encodes a shared context once: its per-layer keys (after RoPE) and values [1, C, K, H]."""
+    if tokens.ndim != 2 or tokens.shape[0] != 1:
+      raise ValueError(f"encode_prefix takes one context of shape [1, C]; got {tokens.shape}")
+    return self.forward(tokens, logit_positions=jnp.zeros((1, 1), jnp.int32), return_cache=True).cache
+
+
+def set_attention(model: Transformer, kind: str, eta: float | None = None,
+                  layers: tuple[int, ...] | None = None) -> Transformer:
+  """Switches the attention kind of the given layers (default all) in place; returns the model.
+
+  The kind is static, so a jitted function retraces once for the new kinds. The config is updated too.
+  """
+  config = model.config.with_attention(kind, eta, layers)
+  for layer, block in enumerate(model.layers):
+    block.attn.kind, block.attn.eta = config.layer_attention(layer)
+    block.attn.config = config
+  model.config = config
+  return model
+
+
+def param_count(model_or_state) -> int:
+  """Number of parameter values (nnx.Param leaves) of a model or abstract model."""
+  state = nnx.state(model_or_state, nnx.Param)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+
+
+def build_model(config: TransformerConfig, seed: int = 0) -> Transformer:
+  """A randomly initialised model (normal(0.02) kernels and embeddings, unit norms)."""
+  return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: TransformerConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves (nothing allocated): the target of checkpoint ports."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
