@@ -55,6 +55,9 @@ class TransformerConfig:
     attention_kinds: per-layer attention kind (``softmax``, ``linear_relaxed``, ``momentum``);
       ``None`` means softmax everywhere.
     momentum_eta: per-layer momentum coefficient, required where the kind is ``momentum``.
+    learn_momentum_eta: make eta a learned parameter per key/value head in every momentum layer
+      (``eta = sigmoid(eta_logit)``, ``eta_logit`` initialised to ``logit(momentum_eta)``; path
+      ``layers/{i}/attn/eta_logit`` [K]). Off by default: eta is a fixed constant.
     dtype: compute dtype of activations (``"float32"`` or ``"bfloat16"``); softmax runs in >= float32.
     param_dtype: dtype parameters are stored in.
   """
@@ -75,6 +78,7 @@ class TransformerConfig:
   padding_idx: int = 1
   attention_kinds: tuple[str, ...] | None = None
   momentum_eta: tuple[float | None, ...] | None = None
+  learn_momentum_eta: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -111,8 +115,18 @@ class TransformerConfig:
       for layer, (kind, eta) in enumerate(zip(self.attention_kinds, etas)):
         if kind == "momentum" and eta is None:
           raise ValueError(f"layer {layer} uses momentum attention but has no eta; set momentum_eta")
+        if kind == "momentum" and self.learn_momentum_eta and not 0.0 < eta < 1.0:
+          raise ValueError(f"layer {layer}: a learned eta starts from momentum_eta in (0, 1); got {eta}")
     if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
-      raise ValueError(f"unsupported compute dtype {self.dtype!r}")
+      raise ValueError(f"unsupported compute dtype {self.dtype!r}; use float32, bfloat16, float16 or float64")
+    if self.param_dtype not in ("float32", "bfloat16", "float16", "float64"):
+      raise ValueError(f"unsupported param_dtype {self.param_dtype!r}; use float32, bfloat16, float16 or float64")
+    if not self.norm_eps > 0:
+      raise ValueError(f"norm_eps must be positive; got {self.norm_eps}")
+    if self.family == "llama" and not self.rope_theta > 0:
+      raise ValueError(f"rope_theta must be positive; got {self.rope_theta}")
+    if self.padding_idx < 0:
+      raise ValueError(f"padding_idx must be >= 0; got {self.padding_idx}")
 
   # Derived, family-fixed behaviour.
   @property

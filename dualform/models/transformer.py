@@ -84,30 +84,35 @@ def _normal_init():
   return nnx.initializers.normal(stddev=_INIT_STDDEV)
 
 
-def fairseq_sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Float[Array, "P D"]:
+def fairseq_sinusoidal_table(num_positions: int, dim: int, padding_idx: int,
+                             dtype=jnp.float32) -> Float[Array, "P D"]:
   """fairseq's ``SinusoidalPositionalEmbedding`` table [P, D]: ``[sin(p f) | cos(p f)]``,
-  ``f_k = exp(-k ln(10000) / (D/2 - 1))``, row ``padding_idx`` zero."""
+  ``f_k = exp(-k ln(10000) / (D/2 - 1))``, row ``padding_idx`` zero; computed in ``dtype``."""
   half = dim // 2
-  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
-  angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * freqs[None, :]
+  freqs = jnp.exp(jnp.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+  angles = jnp.arange(num_positions, dtype=dtype)[:, None] * freqs[None, :]
   table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
   return table.at[padding_idx].set(0.0)
 
 
-def fairseq_positions(positions: Int[Array, "B T"], dim: int) -> Float[Array, "B T D"]:
-  """The fairseq sinusoid evaluated at absolute position ids [B, T] (no table; jit friendly)."""
+def fairseq_positions(positions: Int[Array, "B T"], dim: int, dtype=jnp.float32) -> Float[Array, "B T D"]:
+  """The fairseq sinusoid evaluated at absolute position ids [B, T] (no table; jit friendly).
+
+  Angles are computed in ``dtype`` (float32 as in fairseq; float64 for x64 identity tests).
+  """
   half = dim // 2
-  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
-  angles = positions.astype(jnp.float32)[..., None] * freqs
+  freqs = jnp.exp(jnp.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+  angles = positions.astype(dtype)[..., None] * freqs
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], theta: float) -> Float[Array, "B T N H"]:
   """Rotate-half RoPE (Hugging Face layout): ``x cos + rotate_half(x) sin``, angles ``p / theta**(2i/H)``."""
   head_dim = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angle_dtype = jnp.promote_types(jnp.float32, x.dtype)  # float32, or float64 for x64 models
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=angle_dtype) / head_dim))
   # [batch, seq, head_dim / 2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions.astype(angle_dtype)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
   cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
   first, second = jnp.split(x, 2, axis=-1)
@@ -144,6 +149,16 @@ class Attention(nnx.Module):
     self.k_proj = _linear(dim, kv_heads * head_dim, config, rngs)
     self.v_proj = _linear(dim, kv_heads * head_dim, config, rngs)
     self.o_proj = _linear(heads * head_dim, dim, config, rngs)
+    if self.kind == "momentum" and config.learn_momentum_eta:
+      # Learned momentum per key/value head: eta = sigmoid(eta_logit) stays in (0, 1).
+      self.eta_logit = nnx.Param(jnp.full((kv_heads,), math.log(self.eta / (1.0 - self.eta)),
+                                          _dtype(config.param_dtype)))
+
+  def momentum_eta(self) -> float | Array:
+    """The momentum coefficient: the fixed ``eta``, or ``sigmoid(eta_logit)`` [K] when learned."""
+    if hasattr(self, "eta_logit"):
+      return jax.nn.sigmoid(self.eta_logit[...])
+    return self.eta
 
   def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], prefix: tuple[Array, Array] | None,
                record: RecordSpec | None, record_positions: Int[Array, "B P"] | None):
@@ -171,7 +186,7 @@ class Attention(nnx.Module):
     weights = attn_core.attention_weights(scores, mask, self.kind)
     out = attn_core.weighted_values(weights, v)
     if self.kind == "momentum":
-      out = attn_core.add_momentum(out, v, self.eta)
+      out = attn_core.add_momentum(out, v, self.momentum_eta())
     out = self.o_proj(out.astype(x.dtype).reshape(batch, seq, cfg.num_heads * cfg.head_dim))
 
     records = {}
@@ -253,7 +268,8 @@ class Transformer(nnx.Module):
     if cfg.scale_embeddings:
       x = x * jnp.asarray(math.sqrt(cfg.embed_dim), x.dtype)
     if cfg.positions == "sinusoidal":
-      x = x + fairseq_positions(positions, cfg.embed_dim).astype(x.dtype)
+      angle_dtype = jnp.promote_types(jnp.float32, x.dtype)
+      x = x + fairseq_positions(positions, cfg.embed_dim, angle_dtype).astype(x.dtype)
     return x
 
   def unembed(self, x: Float[Array, "... D"]) -> Float[Array, "... V"]:

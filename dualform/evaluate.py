@@ -1,0 +1,315 @@
+"""Label prediction and analysis records for one setting (ZSL, ICL or FT), cached and batched.
+
+Prediction (PROTOCOL.md §5): one forward pass over ``context + query_input + [label_0]``; with ``t`` the
+last position (the candidate-0 label token) the label scores are ``s_j = log_softmax(z_{t-1})[y_j]`` over
+the full vocabulary, and ``pred = argmax_j s_j`` (ties to the lowest j).
+
+Fast path: the shared context is encoded once (:meth:`Transformer.encode_prefix`) and the continuations
+``query_input + [label_0]`` run against that cache in right-padded batches whose length is rounded up to a
+power of two (a handful of shapes per run, so jit traces a handful of times, never once per example).
+Logits are computed only at ``t - 1``. Records (§8) come from the same pass, at ``pred_pos = t - 1`` and
+``label_pos = t`` (axis ``POSITIONS``):
+
+* ``attn_out`` [N, L, 2, D]: attention block output (after the output projection, bias included);
+* ``query_scores`` [N, L, 2, heads, Q]: pre-softmax scores against the query-part keys ``c .. t`` per head,
+  zero beyond each example's ``query_lengths`` (Q = longest continuation);
+* ``context_scores`` [N, L, 2, C]: head-summed pre-softmax scores against the C context keys (ICL);
+* ``queries`` [N, L, 2, heads * head_dim]: scaled pre-RoPE queries ``q_proj(norm(x)) / sqrt(H)`` (FT eval).
+
+Public names: :data:`POSITIONS`, :class:`EvalRecordSpec`, :class:`EvalResult`, :func:`evaluate`,
+:func:`evaluate_full_sequences` (the slow reference: batch 1, full sequence per example, as the original),
+:func:`bucket_length`, :func:`_single_label_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dualform.models.transformer import KVCache, RecordSpec, Transformer
+
+POSITIONS: tuple[str, str] = ("pred_pos", "label_pos")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecordSpec:
+  """Which analysis records one evaluation keeps (all at both POSITIONS)."""
+
+  attn_out: bool = False
+  query_scores: bool = False
+  context_scores: bool = False
+  queries: bool = False
+
+  @property
+  def any(self) -> bool:
+    return self.attn_out or self.query_scores or self.context_scores or self.queries
+
+  def model_spec(self) -> RecordSpec:
+    return RecordSpec(attn_out=self.attn_out, scores=self.query_scores or self.context_scores,
+                      queries=self.queries)
+
+
+NO_RECORDS = EvalRecordSpec()
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """Scores, predictions and records of one setting over N evaluated examples.
+
+  label_scores: [N, C] float32 log-probabilities of the C label candidates.
+  predictions: [N] int, argmax of label_scores (ties to the lowest index).
+  query_lengths: [N] int, length of ``query_input + [label_0]`` (the query part of the scores).
+  context_length: c, tokens before the query.
+  records: name -> array, see the module docstring.
+  seconds: wall time of the evaluation; traces: distinct (bucket, batch) shapes run.
+  """
+
+  label_scores: np.ndarray
+  predictions: np.ndarray
+  query_lengths: np.ndarray
+  context_length: int
+  records: dict[str, np.ndarray]
+  seconds: float = 0.0
+  traces: int = 0
+
+  def accuracy(self, gold: np.ndarray) -> float:
+    return float(100.0 * np.mean(self.predictions == np.asarray(gold)))
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+  """Smallest power of two >= max(length, minimum): the padded length of a batch."""
+  size = minimum
+  while size < length:
+    size *= 2
+  return size
+
+
+def _single_label_ids(label_tokens: Sequence[Sequence[int]]) -> tuple[bool, np.ndarray | None]:
+  """(single_token, ids [C]) of the candidates' token lists; ids is None when some label is multi-token."""
+  if not label_tokens or any(len(tokens) == 0 for tokens in label_tokens):
+    raise ValueError("every label needs at least one token; check the label words and the tokenizer")
+  single = all(len(tokens) == 1 for tokens in label_tokens)
+  return single, (np.asarray([tokens[0] for tokens in label_tokens], np.int32) if single else None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "record"))
+def _score_batch(graphdef, state, cache: KVCache | None, tokens, lengths, label_ids, *,
+                 record: EvalRecordSpec):
+  """One right-padded batch [B, T] against an optional shared cache: label scores [B, C] and records."""
+  model = nnx.merge(graphdef, state)
+  batch, seq = tokens.shape
+  context = 0 if cache is None else cache.length
+  pred_pos = lengths - 2
+  positions = jnp.stack([pred_pos, lengths - 1], axis=1)  # [B, 2]: t-1, t
+  out = model.forward(tokens, cache=cache, logit_positions=pred_pos[:, None],
+                      record=record.model_spec() if record.any else None,
+                      record_positions=positions if record.any else None)
+  # [batch, candidates]: log_softmax over the full vocabulary at t-1, read at the label ids
+  log_probs = jax.nn.log_softmax(out.logits[:, 0].astype(jnp.float32), axis=-1)
+  result = {"label_scores": log_probs[:, label_ids]}
+  if record.any:
+    stack = lambda name: jnp.stack([layer[name] for layer in out.records], axis=1).astype(jnp.float32)
+    if record.attn_out:
+      result["attn_out"] = stack("attn_out")  # [B, L, 2, D]
+    if record.query_scores or record.context_scores:
+      scores = stack("scores")  # [B, L, 2, heads, C + T]
+      if record.query_scores:
+        result["query_scores"] = scores[..., context:]  # [B, L, 2, heads, T]
+      if record.context_scores and context:
+        result["context_scores"] = scores[..., :context].sum(axis=3)  # [B, L, 2, C]
+    if record.queries:
+      queries = stack("queries")  # [B, L, 2, heads, H]
+      result["queries"] = queries.reshape(queries.shape[:3] + (-1,))
+  return result
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_log_probs(graphdef, state, cache: KVCache | None, tokens):
+  """Teacher-forced log p(tokens[:, 1:]) [B, T-1] of a right-padded batch (multi-token label path)."""
+  model = nnx.merge(graphdef, state)
+  logits = model.forward(tokens, cache=cache).logits.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def _batches(lengths: np.ndarray, tokens_per_batch: int, row_multiple: int, minimum_bucket: int):
+  """Groups example indices by bucket length: yields (bucket, rows, indices) with len(indices) <= rows."""
+  buckets = np.asarray([bucket_length(int(n), minimum_bucket) for n in lengths])
+  for bucket in sorted(set(buckets.tolist())):
+    indices = np.flatnonzero(buckets == bucket)
+    rows = max(1, tokens_per_batch // bucket)
+    rows = max(row_multiple, rows // row_multiple * row_multiple)
+    rows = min(rows, -(-len(indices) // row_multiple) * row_multiple)
+    for start in range(0, len(indices), rows):
+      yield bucket, rows, indices[start:start + rows]
+
+
+def _pad_rows(sequences: list[Sequence[int]], bucket: int, rows: int, pad_id: int):
+  """[rows, bucket] int32 tokens (right-padded; missing rows repeat row 0) and their lengths [rows]."""
+  tokens = np.full((rows, bucket), pad_id, np.int32)
+  lengths = np.empty((rows,), np.int32)
+  for row in range(rows):
+    sequence = sequences[row] if row < len(sequences) else sequences[0]
+    tokens[row, :len(sequence)] = sequence
+    lengths[row] = len(sequence)
+  return tokens, lengths
+
+
+def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
+             label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
+             tokens_per_batch: int = 4096, minimum_bucket: int = 16, pad_id: int = 0,
+             allow_multitoken_labels: bool = False, shard_batch: Callable | None = None, row_multiple: int = 1,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+  """Scores every query after one shared context (PROTOCOL.md §5), with records from the same pass.
+
+  Args:
+    model: the model (pretrained for ZSL/ICL, finetuned for FT).
+    context: token ids before every query (ICL demonstrations, or just ``<s>``/BOS, or empty); encoded once.
+    query_inputs: per example the filled input template's ids (without the label).
+    label_tokens: per candidate class its label token ids (one id each on the fast path).
+    record: which records to keep (requires single-token labels).
+    tokens_per_batch: rows per batch = tokens_per_batch // bucket length (rounded to row_multiple).
+    minimum_bucket: smallest padded length; padded lengths are powers of two above it.
+    allow_multitoken_labels: score multi-token labels by mean teacher-forced log-prob, one pass per candidate.
+    shard_batch: optional function placing a host batch on the mesh (``dualform.sharding.shard_batch``).
+    row_multiple: rows per batch are a multiple of this (the data-parallel device count).
+    progress: called with the number of examples finished after each batch is dispatched.
+  """
+  start = time.perf_counter()
+  single, label_ids = _single_label_ids(label_tokens)
+  if not single and not allow_multitoken_labels:
+    raise ValueError("a label word is several tokens; set allow_multitoken_labels=True (analysis is then skipped)")
+  if not single and record.any:
+    raise ValueError("analysis records need single-token labels; evaluate multi-token labels with no records")
+  if not query_inputs:
+    raise ValueError("no examples to evaluate")
+  if any(len(query) == 0 for query in query_inputs):
+    raise ValueError("an empty query input; every example needs at least one prompt token")
+  graphdef, state = nnx.split(model)
+  context = list(context)
+  cache = model.encode_prefix(jnp.asarray([context], jnp.int32)) if context else None
+  place = shard_batch or (lambda array: jnp.asarray(array))
+  if single:
+    sequences = [list(query) + [int(label_ids[0])] for query in query_inputs]
+    result = _evaluate_single(graphdef, state, cache, sequences, label_ids, record, tokens_per_batch,
+                              minimum_bucket, pad_id, place, row_multiple, progress)
+  else:
+    result = _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, tokens_per_batch,
+                                  minimum_bucket, pad_id, place, row_multiple, progress)
+  result.context_length = len(context)
+  result.seconds = time.perf_counter() - start
+  return result
+
+
+def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, tokens_per_batch, minimum_bucket,
+                     pad_id, place, row_multiple, progress) -> EvalResult:
+  lengths = np.asarray([len(sequence) for sequence in sequences])
+  label_ids_device = jnp.asarray(label_ids)
+  pending, shapes, done = [], set(), 0
+  for bucket, rows, indices in _batches(lengths, tokens_per_batch, row_multiple, minimum_bucket):
+    tokens, batch_lengths = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
+    outputs = _score_batch(graphdef, state, cache, place(tokens), place(batch_lengths), label_ids_device,
+                           record=record)  # dispatched asynchronously; read back below
+    pending.append((indices, outputs))
+    shapes.add((bucket, rows))
+    done += len(indices)
+    if progress is not None:
+      progress(done)
+  count, query_max = len(sequences), int(lengths.max())
+  collected: dict[str, np.ndarray] = {}
+  for indices, outputs in pending:
+    for name, value in outputs.items():
+      value = np.asarray(value)[:len(indices)]
+      if name == "query_scores":
+        value = value[..., :query_max]
+        if value.shape[-1] < query_max:
+          value = np.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, query_max - value.shape[-1])])
+      if name not in collected:
+        collected[name] = np.zeros((count,) + value.shape[1:], np.float32)
+      collected[name][indices] = value
+  if "query_scores" in collected:  # zero the keys beyond each example's query part
+    valid = np.arange(query_max)[None, :] < lengths[:, None]
+    collected["query_scores"] *= valid[:, None, None, None, :]
+  label_scores = collected.pop("label_scores")
+  return EvalResult(label_scores=label_scores, predictions=np.argmax(label_scores, axis=1),
+                    query_lengths=lengths, context_length=0, records=collected, traces=len(shapes))
+
+
+def _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, tokens_per_batch, minimum_bucket,
+                         pad_id, place, row_multiple, progress) -> EvalResult:
+  """Mean teacher-forced log-prob of each candidate's tokens, one batched pass per candidate."""
+  count = len(query_inputs)
+  label_scores = np.zeros((count, len(label_tokens)), np.float32)
+  shapes = set()
+  for candidate, label in enumerate(label_tokens):
+    sequences = [list(query) + list(label) for query in query_inputs]
+    lengths = np.asarray([len(sequence) for sequence in sequences])
+    for bucket, rows, indices in _batches(lengths, tokens_per_batch, row_multiple, minimum_bucket):
+      tokens, _ = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
+      log_probs = np.asarray(_token_log_probs(graphdef, state, cache, place(tokens)))[:len(indices)]
+      shapes.add((bucket, rows))
+      for row, index in enumerate(indices):
+        query_length = len(query_inputs[index])  # label tokens sit at query_length .. +len(label)-1
+        label_scores[index, candidate] = log_probs[row, query_length - 1:query_length - 1 + len(label)].mean()
+    if progress is not None:
+      progress(count * (candidate + 1) // len(label_tokens))
+  lengths = np.asarray([len(query) + 1 for query in query_inputs])
+  return EvalResult(label_scores=label_scores, predictions=np.argmax(label_scores, axis=1),
+                    query_lengths=lengths, context_length=0, records={}, traces=len(shapes))
+
+
+def evaluate_full_sequences(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
+                            label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
+                            bucket_multiple: int = 64, pad_id: int = 0) -> EvalResult:
+  """The slow reference, as the original code: one full forward of ``context + query + [label_0]`` per
+  example (batch 1, no cache; lengths padded to a multiple of ``bucket_multiple`` so jit is reused)."""
+  start = time.perf_counter()
+  single, label_ids = _single_label_ids(label_tokens)
+  if not single:
+    raise ValueError("the full-sequence reference supports single-token labels only")
+  graphdef, state = nnx.split(model)
+  context = list(context)
+  label_ids_device = jnp.asarray(label_ids)
+  rows, shapes = [], set()
+  for query in query_inputs:
+    sequence = context + list(query) + [int(label_ids[0])]
+    bucket = -(-len(sequence) // bucket_multiple) * bucket_multiple
+    tokens, lengths = _pad_rows([sequence], bucket, 1, pad_id)
+    outputs = _score_batch(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(lengths), label_ids_device,
+                           record=dataclasses.replace(record, context_scores=False,
+                                                                  query_scores=record.query_scores or record.context_scores))
+    outputs = {name: np.asarray(value)[0] for name, value in outputs.items()}
+    if "query_scores" in outputs:  # scores over the full sequence: split into context and query part
+      full = outputs.pop("query_scores")  # [L, 2, heads, bucket]
+      if record.context_scores and context:
+        outputs["context_scores"] = full[..., :len(context)].sum(axis=2)
+      if record.query_scores:
+        outputs["query_scores"] = full[..., len(context):len(sequence)]
+    rows.append(outputs)
+    shapes.add(tokens.shape)
+  lengths = np.asarray([len(query) + 1 for query in query_inputs])
+  query_max = int(lengths.max())
+  records: dict[str, np.ndarray] = {}
+  for name in rows[0]:
+    if name == "label_scores":
+      continue
+    if name == "query_scores":
+      records[name] = np.stack([np.pad(row[name], [(0, 0)] * 3 + [(0, query_max - row[name].shape[-1])])
+                                for row in rows])
+    else:
+      records[name] = np.stack([row[name] for row in rows])
+  label_scores = np.stack([row["label_scores"] for row in rows])
+  return EvalResult(label_scores=label_scores, predictions=np.argmax(label_scores, axis=1), query_lengths=lengths,
+                    context_length=len(context), records=records, seconds=time.perf_counter() - start,
+                    traces=len(shapes))
+
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,122 @@
+r"""ICL vs finetuning on one task (or all six): ``python -m experiments.compare --task cb``.
+
+Thin absl main: parses flags into the task's locked config (experiments/configs/<task>.py), prints the
+resolved config, sets up JAX (and the mesh), and calls :func:`dualform.compare.run`, which writes the run
+folder (config.json, results.json, records/*.npz, summary.md) and then the plots (experiments/plot.py).
+
+Examples::
+
+  python -m experiments.compare --task cb                       # SmolLM2-135M-Instruct (Q4_1), all 56
+  python -m experiments.compare --task all                      # the six tasks, one folder each
+  python -m experiments.compare --task sst2 --seeds 1,2,3 --perm_ids 0,1,2
+  python -m experiments.compare --task cb --model random:tiny-llama --max_examples 6 --k 4
+  python -m experiments.compare --task all --model random:fairseq-dense-2.7b --dtype bfloat16 --mesh data=1
+
+Bad inputs (unknown task or model, bad data file, k larger than the pool, prompt longer than the context,
+an existing run folder without --overwrite) print one ``error: ...`` line on stderr, exit with status 2
+and write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+
+_TASKS = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("task", None, f"one of {', '.join(_TASKS)}, or all")
+flags.DEFINE_string("model", None, "model name (default smollm2-135m): smollm2-135m, random:<config>, a path")
+flags.DEFINE_integer("k", None, "nominal number of demonstrations (default 32)")
+flags.DEFINE_integer("seed", None, "run seed (default: the task's seed of PROTOCOL.md §7)")
+flags.DEFINE_string("seeds", None, "comma list of seeds for a multi-seed run, e.g. 1,2,3")
+flags.DEFINE_integer("perm_id", None, "demonstration order: 0 drawn order, p > 0 a seeded permutation")
+flags.DEFINE_string("perm_ids", None, "comma list of perm_ids paired with --seeds")
+flags.DEFINE_float("lr", None, "FT learning rate (default: the per-family table in experiments/configs/base.py)")
+flags.DEFINE_bool("lr_sweep", None, "choose the FT learning rate by a sweep on a held-out pool slice")
+flags.DEFINE_integer("max_examples", None, "evaluate only the first N examples (0: all)")
+flags.DEFINE_enum("position", None, ["pred_pos", "label_pos"], "position of the headline metrics")
+flags.DEFINE_string("settings", None, "comma list of settings (default zsl,ft,icl; also ft_lcgd, icl_perm)")
+flags.DEFINE_enum("model_init", None, ["pretrained", "untrained"], "untrained: the control of §15.3")
+flags.DEFINE_integer("kendall_max_examples", None, "Kendall over the first N examples (0: all; 100: original)")
+flags.DEFINE_string("data_dir", None, "data folder (default $DUALFORM_DATA_DIR or ../shared/data)")
+flags.DEFINE_string("workdir", None, "run folder (default runs/<task>-<model>-seed<seed>)")
+flags.DEFINE_bool("overwrite", False, "replace an existing run folder")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter and compute dtype (default float32)")
+flags.DEFINE_string("matmul_precision", None, "jax matmul precision during the run (default highest)")
+flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one device)")
+flags.DEFINE_integer("eval_tokens_per_batch", None, "evaluation batch size in padded tokens (default 4096)")
+flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
+
+_OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "max_examples", "position",
+              "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
+              "eval_tokens_per_batch")
+
+
+def _model_slug(model: str) -> str:
+  return pathlib.Path(model.replace(":", "-")).name.replace("/", "-")
+
+
+def build_configs() -> list[tuple[object, pathlib.Path]]:
+  """The (config, workdir) of every requested task, with the flag overrides applied."""
+  from experiments import configs
+
+  if FLAGS.task is None:
+    raise ValueError(f"--task is required: one of {', '.join(_TASKS)}, or all")
+  task_names = list(_TASKS) if FLAGS.task == "all" else [FLAGS.task]
+  result = []
+  for task in task_names:
+    config = configs.get_config(task)
+    for name in _OVERRIDES:
+      value = getattr(FLAGS, name)
+      if value is not None:
+        setattr(config, name, value)
+    if FLAGS.workdir is None:
+      workdir = pathlib.Path("runs") / f"{task}-{_model_slug(config.model)}-seed{config.seed}"
+    else:
+      workdir = pathlib.Path(FLAGS.workdir) / task if FLAGS.task == "all" else pathlib.Path(FLAGS.workdir)
+    result.append((config, workdir))
+  return result
+
+
+def _dry_run(config, workdir) -> None:
+  from dualform import compare
+  plan = compare.plan(config)
+  print(json.dumps({"workdir": str(workdir), **plan}, indent=1))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
+  jax.config.update("jax_threefry_partitionable", True)
+  logging.set_verbosity(logging.INFO)
+  from dualform import compare, runs
+  from experiments import plot
+
+  try:
+    jobs = build_configs()
+    for config, workdir in jobs:  # refuse existing folders before any work
+      compare.validate_config(config)
+      if not FLAGS.dry_run:
+        runs.check_run_folder(workdir, FLAGS.overwrite)
+    for config, workdir in jobs:
+      print(f"# config of {config.task} -> {workdir}\n{config}", flush=True)
+      if FLAGS.dry_run:
+        _dry_run(config, workdir)
+        continue
+      results = compare.run(config, workdir, overwrite=FLAGS.overwrite, finalize=[plot.plot_run],
+                            log=logging.info)
+      print(compare.summary_markdown(results), flush=True)
+  except (ValueError, FileNotFoundError, KeyError) as error:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,11 @@
+"""Config of the cb comparison (PROTOCOL.md §1-§9).
+
+Command: ``python -m experiments.compare --task cb`` (SmolLM2-135M-Instruct Q4_1 by default); the
+results of the default model are in docs/results.md.
+"""
+
+from experiments.configs import base
+
+
+def get_config():
+  return base.get_config("cb")

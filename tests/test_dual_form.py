@@ -1,0 +1,375 @@
+"""Tests for dualform.dual_form: every identity of PROTOCOL §10, hand-sized and property-based.
+
+Identities run in float64 (relative error <= 1e-10) and in float32 under matmul precision "highest"
+(<= 1e-5). Relative error is ``max|a - b| / max|b|``.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.test_util import check_grads
+
+from dualform import attention
+from dualform import dual_form as df
+
+PRECISIONS = ("float64", "float32")
+HYPOTHESIS = settings(max_examples=20, deadline=None)
+
+
+@contextlib.contextmanager
+def precision(name):
+  """Yields (dtype, relative tolerance) with x64 or matmul precision "highest" switched on."""
+  if name == "float64":
+    with jax.enable_x64(True):
+      yield jnp.float64, 1e-10
+  else:
+    with jax.default_matmul_precision("highest"):
+      yield jnp.float32, 1e-5
+
+
+def relative_error(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def normal(rng, shape, dtype, scale=1.0):
+  return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+@st.composite
+def attention_shapes(draw):
+  """Batch, demo length, query length, kv heads, group (GQA ratio), head dims and model dim."""
+  return dict(batch=draw(st.integers(1, 2)), demos=draw(st.integers(1, 6)), queries=draw(st.integers(1, 4)),
+              kv_heads=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3])),
+              head_dim=draw(st.integers(1, 5)), value_dim=draw(st.integers(1, 5)),
+              model_dim=draw(st.integers(1, 6)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def random_problem(shape, dtype, biases=False):
+  rng = np.random.default_rng(shape["seed"])
+  d, k, n = shape["model_dim"], shape["kv_heads"], shape["kv_heads"] * shape["group"]
+  h, v = shape["head_dim"], shape["value_dim"]
+  problem = dict(
+      query_kernel=normal(rng, (d, n, h), dtype), key_kernel=normal(rng, (d, k, h), dtype),
+      value_kernel=normal(rng, (d, k, v), dtype),
+      demo_tokens=normal(rng, (shape["batch"], shape["demos"], d), dtype),
+      tokens=normal(rng, (shape["batch"], shape["queries"], d), dtype))
+  if biases:
+    problem.update(query_bias=normal(rng, (n, h), dtype), key_bias=normal(rng, (k, h), dtype),
+                   value_bias=normal(rng, (k, v), dtype))
+  return problem
+
+
+def linear_attention_over_concatenation(problem, causal):
+  """The left-hand side: relaxed linear attention of W_Q x over [X'; X] via the attention core."""
+  both = jnp.concatenate([problem["demo_tokens"], problem["tokens"]], axis=1)
+  queries = df.project(problem["tokens"], problem["query_kernel"], problem.get("query_bias"))
+  keys = df.project(both, problem["key_kernel"], problem.get("key_bias"))
+  values = df.project(both, problem["value_kernel"], problem.get("value_bias"))
+  mask = attention.causal_mask(queries.shape[1], keys.shape[1]) if causal else None
+  return attention.linear_attention(queries, keys, values, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity 1: relaxed linear attention over [X'; X] == (W_ZSL + dW_ICL) q.
+
+
+def test_icl_identity_hand_sized():
+  # Identity kernels (one head, D = H = 2): keys = values = queries = tokens.
+  eye = jnp.eye(2)[:, None, :]  # [D, 1, H]
+  demo_tokens = jnp.array([[[1.0, 2.0]]])  # X' = {(1, 2)}
+  tokens = jnp.array([[[0.0, 1.0]]])  # X = {(0, 1)}, q = (0, 1)
+  zero_shot = df.zero_shot_weight(eye, eye, tokens)[0, 0]
+  icl = df.icl_meta_gradient(eye, eye, demo_tokens)[0, 0]
+  np.testing.assert_array_equal(zero_shot, [[0.0, 0.0], [0.0, 1.0]])  # x x^T
+  np.testing.assert_array_equal(icl, [[1.0, 2.0], [2.0, 4.0]])  # x' x'^T
+  # (1, 2) * ((1, 2) . q) + (0, 1) * ((0, 1) . q) = (2, 5)
+  expected = [[[[2.0, 5.0]]]]
+  np.testing.assert_array_equal(df.dual_form_output(eye, eye, eye, demo_tokens, tokens), expected)
+  problem = dict(query_kernel=eye, key_kernel=eye, value_kernel=eye, demo_tokens=demo_tokens, tokens=tokens)
+  np.testing.assert_array_equal(linear_attention_over_concatenation(problem, causal=True), expected)
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("causal", [True, False])
+@HYPOTHESIS
+@given(shape=attention_shapes(), biases=st.booleans())
+def test_icl_identity_random(name, causal, shape, biases):
+  with precision(name) as (dtype, tolerance):
+    problem = random_problem(shape, dtype, biases)
+    expected = linear_attention_over_concatenation(problem, causal)
+    actual = df.dual_form_output(**problem, causal=causal)
+    assert actual.shape == expected.shape and actual.dtype == dtype
+    assert relative_error(actual, expected) <= tolerance
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@HYPOTHESIS
+@given(shape=attention_shapes())
+def test_causal_meta_gradients_are_prefix_sums(name, shape):
+  with precision(name) as (dtype, tolerance):
+    problem = random_problem(shape, dtype)
+    keys = df.project(problem["tokens"], problem["key_kernel"])
+    values = df.project(problem["tokens"], problem["value_kernel"])
+    prefix = df.causal_meta_gradients(keys, values)
+    for t in range(keys.shape[1]):
+      direct = df.meta_gradient(keys[:, :t + 1], values[:, :t + 1])
+      assert relative_error(prefix[:, t], direct) <= tolerance
+
+
+def test_meta_gradient_mask_drops_tokens():
+  rng = np.random.default_rng(0)
+  keys, values = normal(rng, (2, 5, 2, 3), jnp.float32), normal(rng, (2, 5, 2, 4), jnp.float32)
+  mask = jnp.array([[True, True, False, True, False]] * 2)
+  keep = np.array([0, 1, 3])
+  with jax.default_matmul_precision("highest"):
+    masked = df.meta_gradient(keys, values, mask)
+    kept = df.meta_gradient(keys[:, keep], values[:, keep])
+  assert relative_error(masked, kept) <= 1e-6
+
+
+def test_split_heads_matches_model_layout():
+  """split_heads on a [D, K*H] kernel gives the heads the model gets by reshaping x @ kernel."""
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    kernel, tokens = normal(rng, (6, 3 * 4), jnp.float64), normal(rng, (2, 5, 6), jnp.float64)
+    model_heads = (tokens @ kernel).reshape(2, 5, 3, 4)  # as dualform.models.transformer does
+    np.testing.assert_allclose(df.project(tokens, df.split_heads(kernel, 3)), model_heads, rtol=1e-12)
+    bias = normal(rng, (12,), jnp.float64)
+    np.testing.assert_array_equal(df.split_heads(bias, 3), bias.reshape(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity FT: (W_V + dW_V) X X^T (W_K + dW_K)^T q == (W_ZSL + dW_FT) q.
+
+
+def test_finetune_identity_hand_sized():
+  eye = jnp.eye(2)[:, None, :]  # [D, 1, H]
+  key_delta = jnp.array([[0.0, 0.0], [1.0, 0.0]])[:, None, :]  # x2 = (0, 1) -> key (1, 1)
+  value_delta = jnp.array([[0.0, 1.0], [0.0, 0.0]])[:, None, :]  # x1 = (1, 0) -> value (1, 1)
+  tokens = jnp.eye(2)[None]  # X = {(1, 0), (0, 1)}
+  delta = df.finetune_delta(eye, eye, key_delta, value_delta, tokens)[0, 0]
+  # Finetuned sum_s v_s k_s^T = (1,1)(1,0)^T + (0,1)(1,1)^T = [[1,0],[2,1]]; W_ZSL = I.
+  np.testing.assert_array_equal(delta, [[0.0, 0.0], [2.0, 0.0]])
+  query = jnp.array([[[[1.0, 2.0]]]])  # [B, T, N, H]
+  zero_shot = df.zero_shot_weight(eye, eye, tokens)
+  # (1,1) * ((1,0).q) + (0,1) * ((1,1).q) = (1, 4)
+  np.testing.assert_array_equal(df.apply_weight(zero_shot + delta, query), [[[[1.0, 4.0]]]])
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@HYPOTHESIS
+@given(shape=attention_shapes())
+def test_finetune_identity_random(name, shape):
+  with precision(name) as (dtype, tolerance):
+    problem = random_problem(shape, dtype)
+    rng = np.random.default_rng(shape["seed"] + 1)
+    key_delta = normal(rng, problem["key_kernel"].shape, dtype, 0.3)
+    value_delta = normal(rng, problem["value_kernel"].shape, dtype, 0.3)
+    tokens = problem["tokens"]
+    queries = df.project(tokens, problem["query_kernel"])
+    # Left-hand side: the finetuned layer attends (relaxed, no mask) over X.
+    finetuned = attention.linear_attention(
+        queries, df.project(tokens, problem["key_kernel"] + key_delta),
+        df.project(tokens, problem["value_kernel"] + value_delta))
+    zero_shot = df.zero_shot_weight(problem["key_kernel"], problem["value_kernel"], tokens)
+    delta = df.finetune_delta(problem["key_kernel"], problem["value_kernel"], key_delta, value_delta, tokens)
+    assert relative_error(df.apply_weight(zero_shot + delta, queries), finetuned) <= tolerance
+    general = df.finetune_delta_from_keys_values(
+        df.project(tokens, problem["key_kernel"]), df.project(tokens, problem["value_kernel"]),
+        df.project(tokens, problem["key_kernel"] + key_delta),
+        df.project(tokens, problem["value_kernel"] + value_delta))
+    # The difference form cancels W_ZSL, so compare against the scale of the finetuned weight.
+    scale = np.max(np.abs(np.asarray(zero_shot + delta, np.float64)))
+    assert np.max(np.abs(np.asarray(general - delta, np.float64))) <= tolerance * scale
+
+
+def test_layer_meta_gradients_stack_per_layer_and_head():
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(True):
+    keys = [normal(rng, (1, 4, 2, 3), jnp.float64) for _ in range(3)]
+    values = [normal(rng, (1, 4, 2, 3), jnp.float64) for _ in range(3)]
+    stacked = df.layer_meta_gradients(keys, values)
+    assert stacked.shape == (3, 1, 2, 3, 3)
+    for layer in range(3):
+      for head in range(2):
+        expected = np.asarray(values[layer][0, :, head]).T @ np.asarray(keys[layer][0, :, head])
+        np.testing.assert_allclose(stacked[layer, 0, head], expected, rtol=1e-12)
+
+
+def test_weight_cosine_hand_sized():
+  eye = jnp.eye(2)
+  swap = jnp.array([[0.0, 1.0], [1.0, 0.0]])
+  np.testing.assert_allclose(df.weight_cosine(jnp.stack([eye, eye, eye]), jnp.stack([2 * eye, -eye, swap])),
+                             [1.0, -1.0, 0.0], atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity GD: SGD on a linear layer == W_0 x + LinearAttn(E, X, x), checked against a real optax run.
+
+
+def squared_error(outputs, target):
+  return 0.5 * jnp.sum((outputs - target) ** 2)
+
+
+def softmax_cross_entropy(outputs, target):
+  return optax.softmax_cross_entropy(outputs, jax.nn.softmax(target))
+
+
+def run_sgd(initial_weight, inputs, targets, learning_rate, loss_of_output):
+  """Real optax.sgd at batch 1 on ``y = W x``; returns the final weight and each step's dL/dy at that step."""
+  optimizer = optax.sgd(learning_rate)
+  params = {"weight": initial_weight}
+  state = optimizer.init(params)
+  loss = lambda p, x, y: loss_of_output(p["weight"] @ x, y)
+  output_gradients = []
+  for x, y in zip(inputs, targets):
+    output_gradients.append(jax.grad(loss_of_output)(params["weight"] @ x, y))
+    updates, state = optimizer.update(jax.grad(loss)(params, x, y), state, params)
+    params = optax.apply_updates(params, updates)
+  return params["weight"], jnp.stack(output_gradients)
+
+
+def test_gradient_descent_dual_hand_sized():
+  # W_0 = 0, lr = 0.5. Step 1: x=(1,0), y=2 -> g=-2, e=1, W=(1,0). Step 2: x=(1,1), y=0 -> g=1, e=-0.5.
+  inputs, targets = jnp.array([[1.0, 0.0], [1.0, 1.0]]), jnp.array([[2.0], [0.0]])
+  weight, gradients = run_sgd(jnp.zeros((1, 2)), inputs, targets, 0.5, squared_error)
+  np.testing.assert_array_equal(gradients, [[-2.0], [1.0]])
+  errors = df.error_signals(gradients, 0.5)
+  np.testing.assert_array_equal(errors, [[1.0], [-0.5]])
+  np.testing.assert_array_equal(weight, [[0.5, -0.5]])
+  # W x at x = (2, 0): 0 + 1 * ((1,0).x) - 0.5 * ((1,1).x) = 1
+  np.testing.assert_array_equal(df.gradient_descent_dual_output(jnp.zeros((1, 2)), errors, inputs,
+                                                                jnp.array([2.0, 0.0])), [1.0])
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("loss_of_output", [squared_error, softmax_cross_entropy])
+@settings(max_examples=10, deadline=None)
+@given(out_dim=st.integers(1, 4), in_dim=st.integers(1, 5), steps=st.integers(1, 5),
+       learning_rate=st.floats(0.01, 0.5), seed=st.integers(0, 2**31 - 1))
+def test_gradient_descent_dual_matches_optax_sgd(name, loss_of_output, out_dim, in_dim, steps, learning_rate,
+                                                 seed):
+  with precision(name) as (dtype, tolerance):
+    rng = np.random.default_rng(seed)
+    initial = normal(rng, (out_dim, in_dim), dtype)
+    inputs, targets = normal(rng, (steps, in_dim), dtype), normal(rng, (steps, out_dim), dtype)
+    test_inputs = normal(rng, (3, in_dim), dtype)
+    weight, gradients = run_sgd(initial, inputs, targets, learning_rate, loss_of_output)
+    errors = df.error_signals(gradients, learning_rate)
+    dual = df.gradient_descent_dual_output(initial, errors, inputs, test_inputs)
+    assert relative_error(dual, test_inputs @ weight.T) <= tolerance
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@HYPOTHESIS
+@given(shape=attention_shapes(), learning_rate=st.floats(0.01, 2.0))
+def test_one_sgd_step_from_zero_shot_weight_is_attention(name, shape, learning_rate):
+  """One optax SGD step on meta_gradient_loss from W_ZSL (inputs: demo keys, errors: demo values)."""
+  shape = dict(shape, batch=1, kv_heads=1, group=1)
+  with precision(name) as (dtype, tolerance):
+    problem = random_problem(shape, dtype)
+    keys = df.project(problem["demo_tokens"], problem["key_kernel"])[0, :, 0]  # [S, H]
+    values = df.project(problem["demo_tokens"], problem["value_kernel"])[0, :, 0]  # [S, V]
+    zero_shot = df.zero_shot_weight(problem["key_kernel"], problem["value_kernel"], problem["tokens"])[0, 0]
+    optimizer = optax.sgd(learning_rate)
+    gradient = jax.grad(df.meta_gradient_loss)(zero_shot, keys, values, learning_rate)
+    updates, _ = optimizer.update(gradient, optimizer.init(zero_shot))
+    stepped = optax.apply_updates(zero_shot, updates)
+    icl = df.icl_meta_gradient(problem["key_kernel"], problem["value_kernel"], problem["demo_tokens"])[0, 0]
+    assert relative_error(stepped, zero_shot + icl) <= tolerance
+    queries = df.project(problem["tokens"], problem["query_kernel"])[0, :, 0]  # [T, H]
+    expected = linear_attention_over_concatenation(problem, causal=False)[0, :, 0]
+    assert relative_error(queries @ stepped.T, expected) <= tolerance
+
+
+# ---------------------------------------------------------------------------------------------------
+# jit == eager, gradients flow, errors.
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_jit_matches_eager(name):
+  shape = dict(batch=2, demos=5, queries=3, kv_heads=2, group=2, head_dim=3, value_dim=4, model_dim=6, seed=3)
+  with precision(name) as (dtype, tolerance):
+    problem = random_problem(shape, dtype, biases=True)
+    for causal in (True, False):
+      eager = df.dual_form_output(**problem, causal=causal)
+      jitted = jax.jit(df.dual_form_output, static_argnames="causal")(**problem, causal=causal)
+      assert relative_error(jitted, eager) <= tolerance
+    args = (problem["key_kernel"], problem["value_kernel"], 0.1 * problem["key_kernel"],
+            0.1 * problem["value_kernel"], problem["tokens"])
+    assert relative_error(jax.jit(df.finetune_delta)(*args), df.finetune_delta(*args)) <= tolerance
+    rng = np.random.default_rng(4)
+    gd_args = (normal(rng, (2, 3), dtype), normal(rng, (4, 2), dtype), normal(rng, (4, 3), dtype),
+               normal(rng, (5, 3), dtype))
+    assert relative_error(jax.jit(df.gradient_descent_dual_output)(*gd_args),
+                          df.gradient_descent_dual_output(*gd_args)) <= tolerance
+
+
+def test_gradients_flow_through_every_function():
+  shape = dict(batch=1, demos=3, queries=2, kv_heads=1, group=2, head_dim=2, value_dim=2, model_dim=3, seed=5)
+  with jax.enable_x64(True):
+    p = random_problem(shape, jnp.float64, biases=True)
+    rng = np.random.default_rng(6)
+    keys, values = df.project(p["tokens"], p["key_kernel"]), df.project(p["tokens"], p["value_kernel"])
+    functions = {
+        "project": (lambda x: df.project(x, p["key_kernel"], p["key_bias"]), p["tokens"]),
+        "meta_gradient": (lambda k: df.meta_gradient(k, values), keys),
+        "causal_meta_gradients": (lambda k: df.causal_meta_gradients(k, values), keys),
+        "zero_shot_weight": (lambda w: df.zero_shot_weight(w, p["value_kernel"], p["tokens"]), p["key_kernel"]),
+        "icl_meta_gradient": (lambda w: df.icl_meta_gradient(p["key_kernel"], w, p["demo_tokens"]),
+                              p["value_kernel"]),
+        "apply_weight": (lambda w: df.apply_weight(w, df.project(p["tokens"], p["query_kernel"])),
+                         df.meta_gradient(keys, values)),
+        "dual_form_output": (lambda x: df.dual_form_output(p["query_kernel"], p["key_kernel"], p["value_kernel"],
+                                                           x, p["tokens"]), p["demo_tokens"]),
+        "finetune_delta": (lambda d: df.finetune_delta(p["key_kernel"], p["value_kernel"], d, d, p["tokens"]),
+                           0.1 * p["key_kernel"]),
+        "finetune_delta_from_keys_values": (lambda k: df.finetune_delta_from_keys_values(keys, values, k, values),
+                                            keys),
+        "layer_meta_gradients": (lambda k: df.layer_meta_gradients([k, k], [values, values]), keys),
+        "weight_cosine": (lambda w: df.weight_cosine(w, jnp.ones_like(w)), normal(rng, (2, 3, 3), jnp.float64)),
+        "error_signals": (lambda g: df.error_signals(g, 0.3), normal(rng, (4, 2), jnp.float64)),
+        "linear_attention_single": (lambda v: df.linear_attention_single(v, p["tokens"][0], p["tokens"][0]),
+                                    normal(rng, (2, 4), jnp.float64)),
+        "gradient_descent_dual_output": (
+            lambda w: df.gradient_descent_dual_output(w, jnp.ones((4, 2)), jnp.ones((4, 3)), jnp.ones((3,))),
+            normal(rng, (2, 3), jnp.float64)),
+        "meta_gradient_loss": (lambda w: df.meta_gradient_loss(w, jnp.ones((4, 3)), jnp.ones((4, 2)), 0.5),
+                               normal(rng, (2, 3), jnp.float64)),
+    }
+    for name, (function, argument) in functions.items():
+      gradient = jax.grad(lambda a: jnp.sum(jnp.sin(function(a))))(argument)
+      assert gradient.shape == argument.shape and bool(jnp.all(jnp.isfinite(gradient))), name
+    # Finite differences, and a closed form: d/dW of sum(W q) over queries q_t is sum_t 1 q_t^T.
+    check_grads(lambda x: df.dual_form_output(p["query_kernel"], p["key_kernel"], p["value_kernel"], x,
+                                              p["tokens"]), (p["demo_tokens"],), order=2, modes=("rev",))
+    queries = normal(rng, (1, 4, 1, 3), jnp.float64)
+    gradient = jax.grad(lambda w: jnp.sum(df.apply_weight(w, queries)))(jnp.zeros((1, 2, 3)))
+    np.testing.assert_allclose(gradient[0], np.ones((2, 1)) * np.asarray(queries).sum(axis=(0, 1, 2))[None],
+                               rtol=1e-12)
+
+
+def test_bad_inputs_raise_one_line_value_errors():
+  tokens = jnp.ones((1, 3, 4))
+  cases = [
+      lambda: df.split_heads(jnp.ones((4, 6)), 4),
+      lambda: df.project(tokens, jnp.ones((4, 6))),
+      lambda: df.project(tokens, jnp.ones((5, 1, 6))),
+      lambda: df.meta_gradient(jnp.ones((3, 1, 2)), jnp.ones((4, 1, 2))),
+      lambda: df.apply_weight(jnp.ones((2, 3, 3)), jnp.ones((1, 2, 3, 3))),
+      lambda: df.layer_meta_gradients([], []),
+      lambda: df.weight_cosine(jnp.ones((2, 2)), jnp.ones((3, 3))),
+      lambda: df.linear_attention_single(jnp.ones((3, 2)), jnp.ones((4, 2)), jnp.ones((1, 2))),
+      lambda: df.gradient_descent_dual_output(jnp.ones((3, 3)), jnp.ones((4, 2)), jnp.ones((4, 3)),
+                                              jnp.ones((3,))),
+  ]
+  for case in cases:
+    with pytest.raises(ValueError) as error:
+      case()
+    assert "\n" not in str(error.value)
