@@ -18,7 +18,8 @@ For momentum attention the T queries are the *last* T of the S keys (self-attent
 cached prefix of S - T tokens), so query ``t`` sits at key index ``S - T + t``; the momentum sum runs over
 the key indices before it. It is computed in O(S) with ``jax.lax.scan`` through the recurrence
 ``m_0 = 0, m_j = eta * (m_{j-1} + v_{j-1})`` (:func:`momentum_values`), whose closed form is
-:func:`momentum_values_closed_form`.
+:func:`momentum_values_closed_form`; :func:`momentum_values_associative` computes the same sum with
+``jax.lax.associative_scan`` (``add_momentum(..., method="associative_scan")``), for accelerators.
 
 The pieces (:func:`attention_scores`, :func:`attention_weights`, :func:`weighted_values`,
 :func:`momentum_values`) are public so that models can record intermediates without a second code path;
@@ -124,6 +125,33 @@ def momentum_values(v: Float[Array, "B S K H"], eta: float | Array) -> Float[Arr
   return jnp.swapaxes(momenta, 0, 1)
 
 
+def momentum_values_associative(v: Float[Array, "B S K H"], eta: float | Array) -> Float[Array, "B S K H"]:
+  """The same ``m_j`` as :func:`momentum_values`, by ``jax.lax.associative_scan`` (O(log S) depth).
+
+  The recurrence ``m_j = eta m_{j-1} + eta v_{j-1}`` is the linear map ``x -> a x + b`` with
+  ``(a_j, b_j) = (eta, eta v_{j-1})``; composing maps is associative,
+  ``(a_1, b_1) then (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2)``, so a parallel prefix scan yields every ``m_j``.
+  On a GPU this avoids the S sequential steps of ``lax.scan`` (measured 7x slower than softmax attention
+  in training at S = 1024 on an H200, while this form costs about the same as softmax attention).
+  """
+  eta = jnp.asarray(eta, dtype=v.dtype)
+  eta_b = eta[..., None] if eta.ndim else eta  # [K, 1] broadcasts over head_dim
+  # [batch, seq, kv_heads, head_dim]: v_{j-1}, with v_{-1} = 0
+  previous = jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, :-1]], axis=1)
+  decay = jnp.broadcast_to(eta_b, v.shape).astype(v.dtype)
+
+  def compose(first, second):
+    decay_first, value_first = first
+    decay_second, value_second = second
+    return decay_first * decay_second, decay_second * value_first + value_second
+
+  _, momenta = jax.lax.associative_scan(compose, (decay, decay * previous), axis=1)
+  return momenta
+
+
+MOMENTUM_METHODS: tuple[str, ...] = ("scan", "associative_scan")
+
+
 def momentum_values_closed_form(v: Float[Array, "B S K H"], eta: float | Array) -> Float[Array, "B S K H"]:
   """The closed form ``m_j = sum_{i<j} eta**(j-i) v_i`` as an explicit [S, S] weighted sum (O(S^2))."""
   eta = jnp.asarray(eta, dtype=v.dtype)
@@ -136,12 +164,19 @@ def momentum_values_closed_form(v: Float[Array, "B S K H"], eta: float | Array) 
 
 
 def add_momentum(out: Float[Array, "B T N H"], v: Float[Array, "B S K H"],
-                 eta: float | Array) -> Float[Array, "B T N H"]:
-  """Adds ``sum_{i<t} eta**(t-i) v_i`` to each query head; queries are the last T of the S keys."""
+                 eta: float | Array, *, method: str = "scan") -> Float[Array, "B T N H"]:
+  """Adds ``sum_{i<t} eta**(t-i) v_i`` to each query head; queries are the last T of the S keys.
+
+  ``method``: ``"scan"`` (:func:`momentum_values`, the default) or ``"associative_scan"``
+  (:func:`momentum_values_associative`, the same sum with parallel depth; faster on GPUs).
+  """
+  if method not in MOMENTUM_METHODS:
+    raise ValueError(f"unknown momentum method {method!r}; choose one of {MOMENTUM_METHODS}")
   batch, num_queries, num_heads, head_dim = out.shape
   num_kv_heads = v.shape[2]
+  values_fn = momentum_values if method == "scan" else momentum_values_associative
   # [batch, query_seq, kv_heads, head_dim]
-  momenta = momentum_values(v, eta)[:, v.shape[1] - num_queries:]
+  momenta = values_fn(v, eta)[:, v.shape[1] - num_queries:]
   grouped = out.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
   return (grouped + momenta[:, :, :, None, :].astype(out.dtype)).reshape(out.shape)
 

@@ -179,7 +179,8 @@ def finetune(model: Transformer, sequences: Sequence[Sequence[int]], config: Fin
   # The input model is left untouched: updates create new arrays and a new model is merged at the end.
   graphdef, trainable, frozen = nnx.split(model, params_lib.param_filter(config.trainable), ...)
   optimizer_state = _SGD.init(trainable)
-  optimizer_state.hyperparams["learning_rate"] = jnp.asarray(config.learning_rate, jnp.float32)
+  # A strongly typed scalar (float64 under x64), so the first and later steps share one trace.
+  optimizer_state.hyperparams["learning_rate"] = jnp.asarray(config.learning_rate, dtype=float)
 
   longest = max(len(sequence) for sequence in sequences)
   bucket = -(-longest // config.bucket_multiple) * config.bucket_multiple

@@ -11,10 +11,11 @@ Accepted forms of ``name_or_path`` (:func:`load_pretrained`):
   or ``LlamaForCausalLM``;
 * a fairseq dense ``model.pt`` (or a directory holding one), with ``dict.txt`` beside it or the shared one;
 * any name that is not a local path is looked up under ``$DUALFORM_CACHE`` (default ``~/.cache/dualform``)
-  as a file or directory. Nothing is downloaded.
+  as a file or directory; the fairseq size-table names also try the release folder names
+  (``fairseq-dense-125m`` -> ``en_dense_lm_125m``, see :data:`CACHE_ALIASES`). Nothing is downloaded.
 
 Public names: :class:`Pretrained`, :func:`load_pretrained`, :func:`load_model`, :func:`cache_dir`,
-:func:`file_sha256`.
+:func:`file_sha256`, :data:`CACHE_ALIASES`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ ACCEPTED_FORMS = ("'smollm2-135m', 'random:<config>' (configs: " + ", ".join(sor
                   "), a .gguf file, a Hugging Face directory (config.json + *.safetensors), a fairseq model.pt, "
                   "or a name under $DUALFORM_CACHE")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Size-table names -> the folder names of the fairseq release (PROTOCOL.md §12.1), also tried under the cache.
+CACHE_ALIASES = {
+    "fairseq-dense-125m": "en_dense_lm_125m",
+    "fairseq-dense-355m": "en_dense_lm_355m",
+    "fairseq-dense-1.3b": "en_dense_lm_1_3b",
+    "fairseq-dense-2.7b": "en_dense_lm_2_7b",
+}
 
 
 class Pretrained(NamedTuple):
@@ -144,12 +152,14 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32", 
     if loaded is None:
       raise ValueError(f"{path} is not a checkpoint this loader reads; pass {ACCEPTED_FORMS}")
     return loaded
-  cached = cache_dir() / text
-  if not path.is_absolute() and cached.exists():
-    logger.info("resolved %r under the cache: %s", text, cached)
-    loaded = _from_path(cached, dtype, **kwargs)
-    if loaded is not None:
-      return loaded
+  if not path.is_absolute():
+    for candidate in (text, CACHE_ALIASES.get(text)):
+      cached = cache_dir() / candidate if candidate else None
+      if cached is not None and cached.exists():
+        logger.info("resolved %r under the cache: %s", text, cached)
+        loaded = _from_path(cached, dtype, **kwargs)
+        if loaded is not None:
+          return loaded
   raise ValueError(f"unknown model {text!r} (not a local path, not under {cache_dir()}); pass {ACCEPTED_FORMS}")
 
 

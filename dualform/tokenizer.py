@@ -3,7 +3,7 @@
 Public names:
 
 * :class:`Tokenizer`: the interface (``name``, ``vocab_size``, ``bos_id``, ``separator_id``, ``encode``,
-  ``decode``, ``save``, ``single_token_id``).
+  ``encode_batch``, ``decode``, ``save``, ``single_token_id``).
 * :class:`ByteLevelBPETokenizer`: a byte-level BPE held by the ``tokenizers`` library, built from a GGUF's
   ``tokenizer.ggml.*`` metadata (:meth:`ByteLevelBPETokenizer.from_gguf`) or a ``tokenizer.json``
   (:meth:`ByteLevelBPETokenizer.from_file`). Separator: the single id of ``"\\n"`` (SmolLM2: 198); BOS only
@@ -98,6 +98,10 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Sequence[int]) -> str:
     """Text of ``ids``."""
 
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """``[encode(t) for t in texts]`` (subclasses batch it in the Rust backend)."""
+    return [self.encode(text) for text in texts]
+
   @abc.abstractmethod
   def save(self, directory: str | os.PathLike) -> None:
     """Writes ``tokenizer.json`` and ``dualform_tokenizer.json`` (+ format-specific files) to ``directory``."""
@@ -142,6 +146,9 @@ class ByteLevelBPETokenizer(Tokenizer):
 
   def encode(self, text: str) -> list[int]:
     return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [list(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -260,13 +267,23 @@ class FairseqGPT2Tokenizer(Tokenizer):
     return cls(backend, read_fairseq_dictionary(dictionary), name=name)
 
   def encode(self, text: str) -> list[int]:
-    ids: list[int] = []
-    for line_number, line in enumerate(text.split("\n")):
-      if line_number:
-        ids.append(FAIRSEQ_EOS)
-      gpt2_ids = self.backend.encode(line, add_special_tokens=False).ids
-      ids.extend(int(i) for i in self.gpt2_to_fairseq[np.asarray(gpt2_ids, np.int64)])
-    return ids
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Fairseq indices of each text; all lines of all texts go through the Rust backend in one batch."""
+    lines_per_text = [text.split("\n") for text in texts]
+    flat = [line for lines in lines_per_text for line in lines]
+    encoded = iter(self.backend.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
+    out = []
+    for lines in lines_per_text:
+      ids: list[int] = []
+      for line_number in range(len(lines)):
+        if line_number:
+          ids.append(FAIRSEQ_EOS)
+        gpt2_ids = np.asarray(next(encoded).ids, np.int64)
+        ids.extend(self.gpt2_to_fairseq[gpt2_ids].tolist())
+      out.append(ids)
+    return out
 
   def decode(self, ids: Sequence[int]) -> str:
     pieces, run = [], []

@@ -49,11 +49,12 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter and compute
 flags.DEFINE_string("matmul_precision", None, "jax matmul precision during the run (default highest)")
 flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one device)")
 flags.DEFINE_integer("eval_tokens_per_batch", None, "evaluation batch size in padded tokens (default 4096)")
+flags.DEFINE_integer("eval_score_budget", None, "cap on rows * heads * T * (C + T) score elements per batch")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
 _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
-              "eval_tokens_per_batch")
+              "eval_tokens_per_batch", "eval_score_budget")
 
 
 def _model_slug(model: str) -> str:

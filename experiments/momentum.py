@@ -74,7 +74,8 @@ def study_model_config(config, variant: Variant):
                            num_kv_heads=model.num_kv_heads, head_dim=model.head_dim, mlp_dim=model.mlp_dim,
                            max_len=model.max_len, rope_theta=model.rope_theta, tie_embeddings=True)
   if variant.kind == "momentum":
-    base = base.with_attention("momentum", variant.eta).replace(learn_momentum_eta=variant.learned)
+    base = base.with_attention("momentum", variant.eta).replace(learn_momentum_eta=variant.learned,
+                                                               momentum_method=model.momentum_method)
   return base
 
 
@@ -218,7 +219,7 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: dict, overwrite: bool) 
 
 
 def run_study(config, workdir: str | os.PathLike, *, overwrite: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict:
   """Trains and evaluates every (variant, seed), then writes results.json, summary.md and the plots."""
   from dualform import pretrain
   from dualform.data import corpus
@@ -447,7 +448,7 @@ def plot_study(results: dict, workdir: pathlib.Path) -> None:
 
 
 def run_inference_ablation(config, workdir: str | os.PathLike, *, overwrite: bool = False,
-                           log: Callable[[str], None] = print) -> dict:
+                           log: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict:
   """Switches every layer of a pretrained model to momentum attention for each eta (no retraining)."""
   from dualform import pretrain
   from dualform.data import corpus
@@ -567,8 +568,9 @@ def build_bundle(config, bundle_dir: str | os.PathLike, log: Callable[[str], Non
 def main(argv):
   del argv
   import jax
-  from absl import flags
+  from absl import flags, logging as absl_logging
   jax.config.update("jax_threefry_partitionable", True)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint step at INFO
   FLAGS = flags.FLAGS
   config = FLAGS.config
   mode = FLAGS.mode

@@ -136,3 +136,28 @@ def test_head_count_taken_from_size_table_when_cfg_lacks_it():
   state.update({f"decoder.layers.{i}.fc2.bias": None for i in range(13)})
   with pytest.raises(ValueError, match="cannot be inferred"):
     fairseq_port.fairseq_config(state, {})
+
+
+def test_names_resolve_under_the_cache(tmp_path, monkeypatch, tiny_hf_xglm, fairseq_tokenizer):
+  from dualform.loading import load_pretrained
+  (tmp_path / "en_dense_lm_125m").mkdir()
+  torch.save(fairseq_checkpoint(tiny_hf_xglm(vocab_size=51200)), tmp_path / "en_dense_lm_125m" / "model.pt")
+  monkeypatch.setenv("DUALFORM_CACHE", str(tmp_path))
+  for name in ("en_dense_lm_125m", "fairseq-dense-125m", "en_dense_lm_125m/model.pt"):
+    assert load_pretrained(name).info["source"] == str(tmp_path / "en_dense_lm_125m" / "model.pt")
+  with pytest.raises(ValueError, match="unknown model 'no-such-model'.*random:<config>"):
+    load_pretrained("no-such-model")
+
+
+def test_random_weights_with_the_fairseq_tokenizer(fairseq_tokenizer):
+  from dualform.loading import load_model, load_pretrained
+  model, tokenizer = load_model("random:tiny-fairseq", seed=3)
+  assert model.config.name == "tiny-fairseq" and tokenizer.vocab_size == 51200 == model.config.vocab_size
+  again = load_pretrained("random:tiny-fairseq", seed=3)
+  np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]), np.asarray(again.model.embed.embedding[...]))
+  assert again.info == dict(source="random:tiny-fairseq", sha256=None, format="random", quantization=None,
+                            dtype="float32", config="tiny-fairseq", seed=3)
+  with pytest.raises(ValueError, match="unknown model config"):
+    load_pretrained("random:no-such-config")
+  with pytest.raises(ValueError, match="dtype"):
+    load_pretrained("random:tiny-fairseq", dtype="int8")

@@ -167,3 +167,6 @@ def test_bfloat16_checkpoint_loads(tmp_path, tiny_hf_llama):
   model, _ = hf_port.load_hf(tmp_path)
   expected = reference.model.embed_tokens.weight.detach().float().numpy()
   np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]), expected)
+  model16, _ = hf_port.load_hf(tmp_path, dtype="bfloat16")
+  assert model16.embed.embedding[...].dtype == jnp.bfloat16 and model16.config.dtype == "bfloat16"
+  np.testing.assert_array_equal(np.asarray(model16.embed.embedding[...], np.float32), expected)

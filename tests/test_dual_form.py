@@ -18,7 +18,7 @@ from dualform import attention
 from dualform import dual_form as df
 
 PRECISIONS = ("float64", "float32")
-HYPOTHESIS = settings(max_examples=20, deadline=None)
+HYPOTHESIS = settings(max_examples=15, deadline=None)
 
 
 @contextlib.contextmanager
@@ -41,13 +41,25 @@ def normal(rng, shape, dtype, scale=1.0):
   return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
 
 
+# A pool of shapes (batch, demos, queries, kv_heads, group, head_dim, value_dim, model_dim) covering single
+# head, multi-head, grouped-query (G = 2, 3) and multi-query layouts; hypothesis draws a shape and a seed.
+# A fixed pool keeps the number of distinct shapes, hence XLA compilations, small.
+SHAPES = (
+    (1, 1, 1, 1, 1, 1, 1, 1),
+    (2, 4, 3, 1, 1, 3, 2, 5),
+    (1, 5, 2, 2, 2, 2, 3, 4),
+    (2, 3, 4, 1, 3, 4, 4, 3),
+    (1, 6, 1, 2, 1, 3, 3, 6),
+    (2, 2, 2, 2, 3, 2, 1, 4),
+)
+SHAPE_NAMES = ("batch", "demos", "queries", "kv_heads", "group", "head_dim", "value_dim", "model_dim")
+
+
 @st.composite
 def attention_shapes(draw):
-  """Batch, demo length, query length, kv heads, group (GQA ratio), head dims and model dim."""
-  return dict(batch=draw(st.integers(1, 2)), demos=draw(st.integers(1, 6)), queries=draw(st.integers(1, 4)),
-              kv_heads=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3])),
-              head_dim=draw(st.integers(1, 5)), value_dim=draw(st.integers(1, 5)),
-              model_dim=draw(st.integers(1, 6)), seed=draw(st.integers(0, 2**31 - 1)))
+  """One shape of SHAPES as a dict, plus a seed."""
+  shape = dict(zip(SHAPE_NAMES, draw(st.sampled_from(SHAPES))))
+  return dict(shape, seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def random_problem(shape, dtype, biases=False):
@@ -98,10 +110,10 @@ def test_icl_identity_hand_sized():
 @pytest.mark.parametrize("name", PRECISIONS)
 @pytest.mark.parametrize("causal", [True, False])
 @HYPOTHESIS
-@given(shape=attention_shapes(), biases=st.booleans())
-def test_icl_identity_random(name, causal, shape, biases):
+@given(shape=attention_shapes())
+def test_icl_identity_random(name, causal, shape):
   with precision(name) as (dtype, tolerance):
-    problem = random_problem(shape, dtype, biases)
+    problem = random_problem(shape, dtype, biases=True)  # the hand-sized case has no biases
     expected = linear_attention_over_concatenation(problem, causal)
     actual = df.dual_form_output(**problem, causal=causal)
     assert actual.shape == expected.shape and actual.dtype == dtype
@@ -251,10 +263,10 @@ def test_gradient_descent_dual_hand_sized():
 @pytest.mark.parametrize("name", PRECISIONS)
 @pytest.mark.parametrize("loss_of_output", [squared_error, softmax_cross_entropy])
 @settings(max_examples=10, deadline=None)
-@given(out_dim=st.integers(1, 4), in_dim=st.integers(1, 5), steps=st.integers(1, 5),
+@given(sizes=st.sampled_from([(1, 1, 1), (1, 3, 4), (3, 2, 5), (4, 5, 3)]),
        learning_rate=st.floats(0.01, 0.5), seed=st.integers(0, 2**31 - 1))
-def test_gradient_descent_dual_matches_optax_sgd(name, loss_of_output, out_dim, in_dim, steps, learning_rate,
-                                                 seed):
+def test_gradient_descent_dual_matches_optax_sgd(name, loss_of_output, sizes, learning_rate, seed):
+  out_dim, in_dim, steps = sizes  # (output dim, input dim, SGD steps at batch 1)
   with precision(name) as (dtype, tolerance):
     rng = np.random.default_rng(seed)
     initial = normal(rng, (out_dim, in_dim), dtype)

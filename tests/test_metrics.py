@@ -7,6 +7,7 @@ import math
 import jax
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 
 from dualform import metrics
@@ -323,3 +324,53 @@ def test_aggregation():
   per_layer = metrics.mean_std([[1.0, 0.0], [3.0, 0.0]])
   assert per_layer["mean"] == [2.0, 0.0] and per_layer["std"] == pytest.approx([math.sqrt(2), 0.0], rel=RTOL)
   assert math.isnan(metrics.mean_std([1.0, float("nan")])["mean"])
+
+
+def test_training_attention_matches_the_original_slicing():
+  """Re-does compute_training_example_attn.py's steps by hand on a packed context with BOS and separators."""
+  from dualform.data import packing
+  from dualform.data.tasks import Example
+
+  class Words:
+    name, vocab_size, bos_id, separator_id = "words", 100, 0, 2
+
+    def encode(self, text):  # one id per space-separated word; only its first letter matters
+      return [5 + ord(piece[0]) % 90 for piece in text.split(" ") if piece]
+
+  pool = [Example(fields={"text": " ".join(["w"] * count)}, label=count % 2, index=i)
+          for i, count in enumerate([2, 5, 1, 3])]
+  context = packing.pack_context(Words(), "sst2", pool, [3, 0, 2, 1], max_query_len=4, max_len=100, k=4)
+  sequences = packing.finetune_sequences(Words(), "sst2", context)
+  rng = np.random.default_rng(5)
+  n, layers, dq = 7, 3, 4
+  context_scores = rng.normal(size=(n, layers, context.context_length))
+  test_queries = rng.normal(size=(n, layers, dq))
+  # The FT run records one query per token of each sequence, BOS included; the original drops index 0.
+  ft_queries = [rng.normal(size=(layers, len(ids), dq)) for ids in sequences]
+
+  # Original: slice from cur_pos = 1, each demo len(ft) - 1 tokens, then skip one separator.
+  slice_index, ranges, position, flat = [], [], 1, 0
+  for ids in sequences:
+    slice_index.extend(range(position, position + len(ids) - 1))
+    ranges.append(list(range(flat, flat + len(ids) - 1)))
+    position += len(ids)
+    flat += len(ids) - 1
+  icl_map = scipy.special.softmax(context_scores[:, :, slice_index], axis=-1)
+  compact = np.concatenate([q[:, 1:] for q in ft_queries], axis=1)  # [L, T, Dq]
+  ft_map = scipy.special.softmax((compact[None] * test_queries[:, :, None]).sum(-1), axis=-1)
+  np.testing.assert_array_equal(slice_index, context.demo_token_positions)
+
+  w_icl = metrics.icl_training_attention(context_scores, context.demo_token_positions)
+  w_ft = metrics.ft_training_attention(test_queries, compact)
+  np.testing.assert_allclose(w_icl, icl_map, rtol=1e-12)
+  np.testing.assert_allclose(w_ft, ft_map, rtol=1e-12)
+  example_icl = np.stack([icl_map[:, :, r].sum(-1) for r in ranges], axis=-1)
+  np.testing.assert_allclose(metrics.example_level(w_icl, context.demo_lengths), example_icl, rtol=1e-12)
+  expected_tau = [np.mean([scipy.stats.kendalltau(icl_map[i, l], ft_map[i, l]).statistic for i in range(n)])
+                  for l in range(layers)]
+  np.testing.assert_allclose(metrics.kendall_per_layer(w_icl, w_ft), expected_tau, rtol=1e-12)
+  # recall_topk: for each of ICL's top-k indices, a hit when it is in FT's top k; divided by N * k.
+  k = 3
+  hits = [sum(int(index in np.argsort(-ft_map[i, l], kind="stable")[:k])
+              for i in range(n) for index in np.argsort(-icl_map[i, l], kind="stable")[:k]) for l in range(layers)]
+  np.testing.assert_allclose(metrics.topk_recall_per_layer(w_icl, w_ft, k), np.array(hits) / (n * k), rtol=1e-12)

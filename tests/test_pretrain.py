@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dualform import pretrain
+from dualform import attention, pretrain
 from dualform.models import build_model, tiny_config
 
 
@@ -142,3 +142,20 @@ def test_evaluate_perplexity_matches_a_direct_computation():
     assert result["tokens"] == 160 and result["blocks"] == 10
     np.testing.assert_allclose(result["nll"], float(nll), rtol=1e-5)
     np.testing.assert_allclose(result["perplexity"], np.exp(float(nll)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_associative_scan_momentum_equals_the_scan(per_head):
+  with jax.enable_x64(True):
+    values = jax.random.normal(jax.random.key(3), (2, 37, 3, 5), jnp.float64)
+    eta = jnp.asarray([0.1, 0.5, 0.9]) if per_head else 0.7
+    expected = attention.momentum_values(values, eta)
+    np.testing.assert_allclose(attention.momentum_values_associative(values, eta), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(attention.momentum_values_closed_form(values, eta), expected, rtol=1e-10, atol=1e-12)
+    base = tiny_config("llama", dtype="float64", param_dtype="float64").with_attention("momentum", 0.4)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 20)), jnp.int32)
+    scanned = build_model(base, seed=3)(tokens)
+    parallel = build_model(base.replace(momentum_method="associative_scan"), seed=3)(tokens)
+    np.testing.assert_allclose(np.asarray(parallel), np.asarray(scanned), rtol=1e-10, atol=1e-12)
+  with pytest.raises(ValueError, match="momentum_method"):
+    base.replace(momentum_method="fft")

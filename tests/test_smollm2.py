@@ -19,12 +19,15 @@ PROMPTS = ("The capital of France is",
            "1, 2, 3, 4,")
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-  return load_pretrained("smollm2-135m")
+def test_smollm2_gguf(smollm2_gguf):
+  """One test, so the 135M model is loaded once per CI run: provenance, shapes, recording, then parity."""
+  smollm2 = load_pretrained("smollm2-135m")
+  check_provenance_and_config(smollm2, smollm2_gguf)
+  check_attention_scores_recorded(smollm2)
+  check_logits_match_transformers(smollm2, smollm2_gguf)
 
 
-def test_provenance_and_config(smollm2, smollm2_gguf):
+def check_provenance_and_config(smollm2, smollm2_gguf):
   info = smollm2.info
   assert info["source"] == str(smollm2_gguf) and info["format"] == "gguf" and info["config"] == "smollm2-135m"
   assert len(info["sha256"]) == 64 and info["dtype"] == "float32"
@@ -36,8 +39,19 @@ def test_provenance_and_config(smollm2, smollm2_gguf):
   assert smollm2.tokenizer.bos_id is None and smollm2.tokenizer.separator_id == 198
 
 
-@pytest.mark.needs_ref
-def test_logits_match_transformers(smollm2, smollm2_gguf):
+def check_attention_scores_recorded(smollm2):
+  ids = smollm2.tokenizer.encode("The capital of France is")
+  positions = jnp.asarray([[len(ids) - 1]], jnp.int32)
+  out = smollm2.model.forward(jnp.asarray([ids], jnp.int32), record=RecordSpec(scores=True, weights=True),
+                              record_positions=positions, logit_positions=positions)
+  assert len(out.records) == 30
+  scores, weights = out.records[0]["scores"], out.records[0]["weights"]
+  assert scores.shape == weights.shape == (1, 1, 9, len(ids))
+  np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-5)
+  assert smollm2.tokenizer.decode([int(jnp.argmax(out.logits[0, 0]))]) == " Paris"
+
+
+def check_logits_match_transformers(smollm2, smollm2_gguf):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
@@ -57,15 +71,3 @@ def test_logits_match_transformers(smollm2, smollm2_gguf):
       expected = reference(torch.tensor([ids])).logits[0, -1].numpy()
     assert np.max(np.abs(logits[row] - expected)) <= 1e-3, PROMPTS[row]
     assert int(np.argmax(logits[row])) == int(np.argmax(expected))
-
-
-def test_attention_scores_recorded(smollm2):
-  ids = smollm2.tokenizer.encode("The capital of France is")
-  positions = jnp.asarray([[len(ids) - 1]], jnp.int32)
-  out = smollm2.model.forward(jnp.asarray([ids], jnp.int32), record=RecordSpec(scores=True, weights=True),
-                              record_positions=positions, logit_positions=positions)
-  assert len(out.records) == 30
-  scores, weights = out.records[0]["scores"], out.records[0]["weights"]
-  assert scores.shape == weights.shape == (1, 1, 9, len(ids))
-  np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-5)
-  assert smollm2.tokenizer.decode([int(jnp.argmax(out.logits[0, 0]))]) == " Paris"

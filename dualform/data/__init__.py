@@ -8,6 +8,7 @@ Submodules (one job each):
   packing    Tokenizer, encode_query, max_query_length, demonstration_order, pack_context, prompt_layout,
              zero_shot_context, finetune_sequences, label checks (PROTOCOL §3-§5, §7).
   online     optional converters from TFDS / Hugging Face datasets to the same JSONL schema (lazy imports).
+  corpus     plain-text pretraining corpora (another module; import it as ``dualform.data.corpus``).
 """
 
 from dualform.data.packing import (

@@ -186,7 +186,7 @@ class Attention(nnx.Module):
     weights = attn_core.attention_weights(scores, mask, self.kind)
     out = attn_core.weighted_values(weights, v)
     if self.kind == "momentum":
-      out = attn_core.add_momentum(out, v, self.momentum_eta())
+      out = attn_core.add_momentum(out, v, self.momentum_eta(), method=cfg.momentum_method)
     out = self.o_proj(out.astype(x.dtype).reshape(batch, seq, cfg.num_heads * cfg.head_dim))
 
     records = {}

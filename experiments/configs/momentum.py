@@ -41,6 +41,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   config.model.max_len = 1024  # RoPE context limit (evaluation may exceed the training length)
   config.model.rope_theta = 10000.0
   config.model.vocab_size = 49152  # the SmolLM2 tokenizer, so the ICL machinery runs unchanged
+  config.model.momentum_method = "scan"  # lax.scan (PROTOCOL.md §11); "associative_scan" on GPUs
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 120

@@ -1,0 +1,236 @@
+"""Tests for dualform.attention: softmax and relaxed linear attention against references.
+
+References: a plain numpy implementation (float64, relative error <= 1e-10) and
+``jax.nn.dot_product_attention`` (float32 under matmul precision "highest", <= 1e-5; in float64 that
+function is only ~1e-7 accurate in jax 0.10, so it is not used as a float64 reference). Covers grouped-query
+heads, causal masks with a cached prefix (S > T), arbitrary masks, custom scales, jit, and gradients.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.test_util import check_grads
+
+from dualform import attention
+
+PRECISIONS = ("float64", "float32")
+HYPOTHESIS = settings(max_examples=15, deadline=None)
+# (batch, queries T, keys S >= T, kv heads K, group G = N / K, head dim H, value dim)
+SHAPES = (
+    (1, 1, 1, 1, 1, 1, 1),
+    (2, 3, 3, 1, 1, 4, 4),
+    (1, 2, 5, 2, 2, 3, 2),
+    (2, 4, 6, 1, 3, 2, 3),
+    (1, 3, 4, 2, 1, 5, 5),
+    (2, 2, 2, 2, 3, 2, 1),
+)
+
+
+@contextlib.contextmanager
+def precision(name):
+  """Yields (dtype, relative tolerance) with x64 or matmul precision "highest" switched on."""
+  if name == "float64":
+    with jax.enable_x64(True):
+      yield jnp.float64, 1e-10
+  else:
+    with jax.default_matmul_precision("highest"):
+      yield jnp.float32, 1e-5
+
+
+def relative_error(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def numpy_attention(q, k, v, mask=None, scale=None, kind="softmax"):
+  """Reference in float64 numpy: repeat each kv head G times (head n reads kv head n // G)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  group = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  if scale is None:
+    scale = 1.0 if kind == "linear_relaxed" else q.shape[-1] ** -0.5
+  scores = np.einsum("btnh,bsnh->bnts", q, k) * scale
+  visible = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(
+      np.expand_dims(np.asarray(mask), -3), scores.shape)
+  if kind == "linear_relaxed":
+    weights = np.where(visible, scores, 0.0)
+  else:
+    logits = np.where(visible, scores, -np.inf)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+  return np.einsum("bnts,bsnv->btnv", weights, v)
+
+
+def random_inputs(shape, seed, dtype):
+  batch, queries, keys, kv_heads, group, head_dim, value_dim = shape
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((batch, queries, kv_heads * group, head_dim))
+  k = rng.standard_normal((batch, keys, kv_heads, head_dim))
+  v = rng.standard_normal((batch, keys, kv_heads, value_dim))
+  return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
+
+
+def make_mask(kind, shape, seed):
+  batch, queries, keys = shape[:3]
+  if kind == "none":
+    return None
+  if kind == "causal":
+    return attention.causal_mask(queries, keys)
+  visible = np.random.default_rng(seed + 1).random((batch, queries, keys)) < 0.6
+  visible[..., 0] = True  # every query sees at least one key (a fully masked softmax row is undefined)
+  return jnp.asarray(visible)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-sized cases.
+
+
+def test_softmax_attention_hand_sized():
+  with jax.enable_x64(True):
+    # H = 1 so scale = 1; scores (0, ln 3) -> weights (1/4, 3/4); out = 4/4 + 8 * 3/4 = 7.
+    q = jnp.ones((1, 1, 1, 1))
+    k = jnp.array([0.0, np.log(3.0)]).reshape(1, 2, 1, 1)
+    v = jnp.array([4.0, 8.0]).reshape(1, 2, 1, 1)
+    np.testing.assert_allclose(attention.softmax_attention(q, k, v), [[[[7.0]]]], rtol=1e-14)
+    weights = attention.attention_weights(attention.attention_scores(q, k), None, "softmax")
+    np.testing.assert_allclose(weights, [[[[0.25, 0.75]]]], rtol=1e-14)
+
+
+def test_linear_attention_hand_sized():
+  q = jnp.array([1.0, 2.0]).reshape(1, 1, 1, 2)
+  k = jnp.array([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
+  v = jnp.array([[1.0, 1.0], [2.0, 0.0]]).reshape(1, 2, 1, 2)
+  # (q.k1) v1 + (q.k2) v2 = 1 (1, 1) + 2 (2, 0) = (5, 1); no softmax, no 1/sqrt(H) scaling.
+  np.testing.assert_array_equal(attention.linear_attention(q, k, v), [[[[5.0, 1.0]]]])
+  only_first = jnp.array([[True, False]])
+  np.testing.assert_array_equal(attention.linear_attention(q, k, v, mask=only_first), [[[[1.0, 1.0]]]])
+
+
+def test_causal_mask_hand_sized():
+  # Two queries are the last two of three keys: query 0 is key 1, query 1 is key 2.
+  np.testing.assert_array_equal(attention.causal_mask(2, 3), [[True, True, False], [True, True, True]])
+  np.testing.assert_array_equal(attention.causal_mask(2, 2), [[True, False], [True, True]])
+
+
+def test_grouped_query_head_order_hand_sized():
+  # Two query heads share one kv head; four query heads over two kv heads map n -> n // 2.
+  q = jnp.ones((1, 1, 4, 1))
+  k = jnp.zeros((1, 1, 2, 1))
+  v = jnp.array([10.0, 20.0]).reshape(1, 1, 2, 1)
+  np.testing.assert_array_equal(attention.softmax_attention(q, k, v)[0, 0, :, 0], [10.0, 10.0, 20.0, 20.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Randomized against references.
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("kind", ["softmax", "linear_relaxed"])
+@HYPOTHESIS
+@given(shape=st.sampled_from(SHAPES), mask_kind=st.sampled_from(["none", "causal", "random"]),
+       scale=st.sampled_from([None, 0.7]), seed=st.integers(0, 2**31 - 1))
+def test_attention_matches_numpy(name, kind, shape, mask_kind, scale, seed):
+  with precision(name) as (dtype, tolerance):
+    q, k, v = random_inputs(shape, seed, dtype)
+    mask = make_mask(mask_kind, shape, seed)
+    actual = attention.attention(q, k, v, kind=kind, mask=mask, scale=scale)
+    assert actual.dtype == dtype and actual.shape == q.shape[:3] + v.shape[-1:]
+    assert relative_error(actual, numpy_attention(q, k, v, mask, scale, kind)) <= tolerance
+
+
+@HYPOTHESIS
+@given(shape=st.sampled_from([s for s in SHAPES if s[5] == s[6]]),
+       mask_kind=st.sampled_from(["none", "causal", "random"]), seed=st.integers(0, 2**31 - 1))
+def test_softmax_matches_jax_dot_product_attention(shape, mask_kind, seed):
+  with precision("float32") as (dtype, tolerance):
+    q, k, v = random_inputs(shape, seed, dtype)
+    mask = make_mask(mask_kind, shape, seed)
+    reference_mask = None if mask is None else jnp.broadcast_to(
+        jnp.expand_dims(mask, -3), (q.shape[0], 1, q.shape[1], k.shape[1]))
+    expected = jax.nn.dot_product_attention(q, k, v, mask=reference_mask, implementation="xla")
+    assert relative_error(attention.softmax_attention(q, k, v, mask=mask), expected) <= tolerance
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@HYPOTHESIS
+@given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
+def test_pieces_compose_and_scores_are_pre_mask(name, shape, seed):
+  with precision(name) as (dtype, tolerance):
+    q, k, v = random_inputs(shape, seed, dtype)
+    mask = attention.causal_mask(q.shape[1], k.shape[1])
+    scores = attention.attention_scores(q, k)
+    expected_scores = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64),
+                                np.repeat(np.asarray(k, np.float64), shape[4], axis=2)) * shape[5] ** -0.5
+    assert scores.shape == (shape[0], shape[3] * shape[4], shape[1], shape[2])
+    assert relative_error(scores, expected_scores) <= tolerance
+    weights = attention.attention_weights(scores, mask, "softmax")
+    np.testing.assert_allclose(np.sum(np.asarray(weights, np.float64), axis=-1), 1.0, rtol=tolerance)
+    assert np.all(np.asarray(weights)[..., ~np.asarray(mask)] == 0)
+    out = attention.weighted_values(weights, v)
+    assert relative_error(out, attention.softmax_attention(q, k, v, mask=mask)) <= tolerance
+
+
+def test_low_precision_inputs_keep_their_dtype():
+  q, k, v = random_inputs((1, 3, 3, 2, 2, 4, 4), 0, jnp.bfloat16)
+  out = attention.softmax_attention(q, k, v, mask=attention.causal_mask(3, 3))
+  assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# jit == eager, gradients, errors.
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("kind", ["softmax", "linear_relaxed", "momentum"])
+def test_jit_matches_eager(name, kind):
+  with precision(name) as (dtype, tolerance):
+    q, k, v = random_inputs((2, 3, 5, 2, 2, 3, 3), 7, dtype)
+    mask = attention.causal_mask(3, 5)
+    eta = 0.5 if kind == "momentum" else None
+    run = lambda q, k, v: attention.attention(q, k, v, kind=kind, mask=mask, eta=eta)
+    assert relative_error(jax.jit(run)(q, k, v), run(q, k, v)) <= tolerance
+
+
+def test_gradients_flow_and_match_finite_differences():
+  with jax.enable_x64(True):
+    q, k, v = random_inputs((1, 2, 3, 1, 2, 2, 2), 8, jnp.float64)
+    mask = attention.causal_mask(2, 3)
+    for kind in ("softmax", "linear_relaxed", "momentum"):
+      run = lambda q, k, v: attention.attention(q, k, v, kind=kind, mask=mask, eta=0.3)
+      gradients = jax.grad(lambda *a: jnp.sum(jnp.sin(run(*a))), argnums=(0, 1, 2))(q, k, v)
+      assert all(bool(jnp.all(jnp.isfinite(g))) for g in gradients), kind
+      check_grads(run, (q, k, v), order=2, modes=("rev",))
+    pieces = {
+        "attention_scores": lambda q: attention.attention_scores(q, k),
+        "attention_weights": lambda q: attention.attention_weights(attention.attention_scores(q, k), mask, "softmax"),
+        "weighted_values": lambda q: attention.weighted_values(attention.attention_scores(q, k), v),
+    }
+    for name, function in pieces.items():
+      gradient = jax.grad(lambda a: jnp.sum(jnp.sin(function(a))))(q)
+      assert bool(jnp.all(jnp.isfinite(gradient))), name
+    # Closed form: d/dq_t sum(LinAttn) = sum_s k_s (sum_h v_s,h), per query head through its kv head.
+    gradient = jax.grad(lambda q: jnp.sum(attention.linear_attention(q, k, v)))(q)
+    expected = np.einsum("bskh,bsk->bkh", np.asarray(k), np.asarray(v).sum(-1))  # [B, K, H]
+    expected = np.repeat(expected, 2, axis=1)[:, None].repeat(2, axis=1)  # [B, T, N, H]
+    np.testing.assert_allclose(gradient, expected, rtol=1e-12)
+
+
+def test_bad_inputs_raise_one_line_value_errors():
+  q, k, v = jnp.ones((1, 2, 3, 4)), jnp.ones((1, 2, 2, 4)), jnp.ones((1, 2, 2, 4))
+  cases = [
+      lambda: attention.attention(q, k, v),  # 3 query heads over 2 kv heads
+      lambda: attention.attention(jnp.ones((2, 4)), k, v),
+      lambda: attention.attention(jnp.ones((1, 2, 2, 3)), k, v),
+      lambda: attention.attention(jnp.ones((1, 2, 2, 4)), k, jnp.ones((1, 3, 2, 4))),
+      lambda: attention.attention(jnp.ones((1, 2, 2, 4)), k, v, kind="cosine"),
+      lambda: attention.attention(jnp.ones((1, 2, 2, 4)), k, v, kind="momentum"),
+      lambda: attention.causal_mask(3, 2),
+  ]
+  for case in cases:
+    with pytest.raises(ValueError) as error:
+      case()
+    assert "\n" not in str(error.value)

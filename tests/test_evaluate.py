@@ -1,0 +1,109 @@
+"""Tests of dualform.evaluate: cached + batched evaluation equals one full forward per example."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dualform import evaluate
+from dualform.models import build_model, tiny_config
+
+ALL_RECORDS = evaluate.EvalRecordSpec(attn_out=True, query_scores=True, context_scores=True, queries=True)
+
+
+def _relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _inputs(seed: int, count: int = 11):
+  rng = np.random.default_rng(seed)
+  context = rng.integers(3, 128, size=37).tolist()
+  queries = [rng.integers(3, 128, size=n).tolist() for n in rng.integers(1, 30, size=count)]
+  return context, queries
+
+
+@pytest.mark.parametrize("family,context_kind", [("llama", "demos"), ("fairseq_dense", "demos"),
+                                                 ("llama", "empty"), ("fairseq_dense", "bos")])
+def test_cached_batched_equals_per_example_full_forward(family, context_kind):
+  model = build_model(tiny_config(family), seed=2)
+  context, queries = _inputs(seed=3)
+  context = {"demos": context, "empty": [], "bos": [0]}[context_kind]
+  labels = [[5], [9], [17]]
+  record = ALL_RECORDS if context else evaluate.EvalRecordSpec(attn_out=True, query_scores=True, queries=True)
+  with jax.default_matmul_precision("highest"):
+    # Small batches: several buckets and a partial last batch are exercised.
+    fast = evaluate.evaluate(model, context, queries, labels, record=record, tokens_per_batch=64)
+    slow = evaluate.evaluate_full_sequences(model, context, queries, labels, record=record)
+  assert fast.traces <= 4  # bucketed shapes, never one per example
+  assert _relative_error(fast.label_scores, slow.label_scores) <= 1e-5
+  np.testing.assert_array_equal(fast.predictions, slow.predictions)
+  np.testing.assert_array_equal(fast.query_lengths, [len(q) + 1 for q in queries])
+  assert fast.context_length == len(context)
+  assert sorted(fast.records) == sorted(slow.records)
+  layers, heads = model.config.num_layers, model.config.num_heads
+  shapes = {"attn_out": (len(queries), layers, 2, model.config.embed_dim),
+            "query_scores": (len(queries), layers, 2, heads, max(len(q) + 1 for q in queries)),
+            "queries": (len(queries), layers, 2, heads * model.config.head_dim)}
+  if context:
+    shapes["context_scores"] = (len(queries), layers, 2, len(context))
+  assert set(shapes) == set(fast.records)
+  for name, shape in shapes.items():
+    assert fast.records[name].shape == shape, name
+    assert _relative_error(fast.records[name], slow.records[name]) <= 1e-5, name
+
+
+def test_label_scores_are_full_vocabulary_log_probs_at_t_minus_1():
+  model = build_model(tiny_config("llama"), seed=4)
+  context, queries = _inputs(seed=5, count=4)
+  labels = [[5], [9]]
+  with jax.default_matmul_precision("highest"):
+    result = evaluate.evaluate(model, context, queries, labels)
+    for i, query in enumerate(queries):
+      tokens = jnp.asarray([context + query + [labels[0][0]]])
+      log_probs = jax.nn.log_softmax(model(tokens)[0, len(context) + len(query) - 1])
+      expected = np.asarray(log_probs)[[5, 9]]
+      assert _relative_error(result.label_scores[i], expected) <= 1e-5
+
+
+def test_ties_go_to_the_lowest_label():
+  model = build_model(tiny_config("llama"), seed=0)
+  _, queries = _inputs(seed=1, count=3)
+  result = evaluate.evaluate(model, [], queries, [[7], [7], [7]])
+  np.testing.assert_array_equal(result.predictions, [0, 0, 0])
+
+
+def test_multitoken_labels_mean_teacher_forced_log_prob():
+  model = build_model(tiny_config("fairseq_dense"), seed=6)
+  context, queries = _inputs(seed=7, count=5)
+  labels = [[5, 6], [9], [17, 18, 19]]
+  with pytest.raises(ValueError, match="allow_multitoken_labels"):
+    evaluate.evaluate(model, context, queries, labels)
+  with pytest.raises(ValueError, match="single-token"):
+    evaluate.evaluate(model, context, queries, labels, allow_multitoken_labels=True, record=ALL_RECORDS)
+  with jax.default_matmul_precision("highest"):
+    result = evaluate.evaluate(model, context, queries, labels, allow_multitoken_labels=True)
+    for i, query in enumerate(queries):
+      for j, label in enumerate(labels):
+        tokens = context + query + label
+        log_probs = np.asarray(jax.nn.log_softmax(model(jnp.asarray([tokens]))[0], axis=-1))
+        start = len(context) + len(query)
+        expected = np.mean([log_probs[start - 1 + n, token] for n, token in enumerate(label)])
+        assert abs(result.label_scores[i, j] - expected) <= 1e-5 * abs(expected)
+  assert result.records == {}
+
+
+def test_bad_inputs():
+  model = build_model(tiny_config("llama"), seed=0)
+  with pytest.raises(ValueError, match="no examples"):
+    evaluate.evaluate(model, [], [], [[5], [6]])
+  with pytest.raises(ValueError, match="empty query"):
+    evaluate.evaluate(model, [], [[4], []], [[5], [6]])
+  with pytest.raises(ValueError, match="at least one token"):
+    evaluate.evaluate(model, [], [[4]], [[5], []])
+
+
+def test_bucket_lengths_are_powers_of_two():
+  assert [evaluate.bucket_length(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
