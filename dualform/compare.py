@@ -179,8 +179,7 @@ def untrained_control(model: Transformer, seed: int) -> Transformer:
   seeded default initialisation. Returns a new model (the input is not modified)."""
   fresh = build_model(model.config, seed)
   reinitialised = nnx.state(fresh, params_lib.param_filter(r"^layers/\d+/(attn|mlp)/.*$"))
-  graphdef, state = nnx.split(model)
-  control = nnx.merge(graphdef, state)
+  control = nnx.clone(model)  # new Variables: updating them leaves the pretrained model untouched
   nnx.update(control, reinitialised)
   return control
 
@@ -276,11 +275,12 @@ class _Evaluator:
     heads = model.config.num_heads
     budget_tokens = config.eval_tokens_per_batch
     longest = max(len(query) for query in queries) + 1
-    bucket = evaluate_lib.bucket_length(longest)
+    bucket = evaluate_lib.bucket_length(longest, config.eval_minimum_bucket)
     cap = max(1, config.eval_score_budget // max(1, heads * (len(context) + bucket)))
     tokens_per_batch = max(bucket, min(budget_tokens, cap))
     result = evaluate_lib.evaluate(model, context, queries, label_tokens, record=record,
-                                   tokens_per_batch=tokens_per_batch, pad_id=self.pad_id,
+                                   tokens_per_batch=tokens_per_batch, minimum_bucket=config.eval_minimum_bucket,
+                                   pad_id=self.pad_id,
                                    allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
                                    row_multiple=rows, progress=progress.update)
     progress.close()
@@ -314,7 +314,8 @@ def _sweep_learning_rate(prepared: _Prepared, context: packing.PackedContext, se
   rows = []
   for lr in config.lr_grid:
     ft_config = finetune_lib.FinetuneConfig(learning_rate=float(lr), trainable=config.trainable,
-                                            objective=config.objective, record_queries=False)
+                                            objective=config.objective, record_queries=False,
+                                            bucket_multiple=config.ft_bucket_multiple)
     try:
       trained = finetune_lib.finetune(prepared.model, list(sequences), ft_config, has_bos=sequences.bos,
                                       log=lambda message: None)
@@ -509,7 +510,7 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
     if setting.weights == "finetuned":
       objective = setting.objective or config.objective
       ft_config = finetune_lib.FinetuneConfig(learning_rate=learning_rate["value"], trainable=config.trainable,
-                                              objective=objective)
+                                              objective=objective, bucket_multiple=config.ft_bucket_multiple)
       log(f"[{run_id}] {name}: finetuning on {len(sequences)} demonstrations ({objective}, "
           f"lr {learning_rate['value']:g})")
       trained = finetune_lib.finetune(prepared.model, list(sequences), ft_config, has_bos=sequences.bos, log=log)
@@ -833,7 +834,7 @@ def plan(config) -> dict:
     dry.model_init = "pretrained"
   prepared = prepare(dry, load_pretrained=_abstract_loader)
   lengths = [len(query.input_ids) + 1 for query in prepared.queries]
-  buckets = sorted({evaluate_lib.bucket_length(length) for length in lengths})
+  buckets = sorted({evaluate_lib.bucket_length(length, config.eval_minimum_bucket) for length in lengths})
   return {
       "task": config.task, "model": config.model, "model_init": config.model_init,
       "parameters": param_count(prepared.model), "settings": prepared.settings,

@@ -187,7 +187,10 @@ class ByteLevelBPETokenizer(Tokenizer):
     model_type = value("tokenizer.ggml.model")
     if model_type != "gpt2":
       raise ValueError(f"GGUF tokenizer.ggml.model is {model_type!r}; only byte-level BPE ('gpt2') is supported")
-    pre = value("tokenizer.ggml.pre", "gpt2")
+    pre = value("tokenizer.ggml.pre")
+    if pre is None:
+      logger.warning("GGUF has no tokenizer.ggml.pre; splitting with GPT-2's regex")
+      pre = "gpt2"
     if pre not in GGUF_PRE_TOKENIZER_REGEXES:
       raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported; known: "
                        f"{sorted(GGUF_PRE_TOKENIZER_REGEXES)}")
@@ -212,8 +215,11 @@ class ByteLevelBPETokenizer(Tokenizer):
     control = [AddedToken(token, normalized=False, special=True)
                for token, kind in zip(tokens, token_types) if kind == _GGUF_CONTROL_TOKEN and set(token) <= alphabet]
     backend.add_special_tokens(control)
-    add_bos = bool(value("tokenizer.ggml.add_bos_token", False))
-    bos_id = int(value("tokenizer.ggml.bos_token_id")) if add_bos else None
+    bos_id = None
+    if value("tokenizer.ggml.add_bos_token", False):
+      if value("tokenizer.ggml.bos_token_id") is None:
+        raise ValueError("GGUF sets tokenizer.ggml.add_bos_token but has no tokenizer.ggml.bos_token_id")
+      bos_id = int(value("tokenizer.ggml.bos_token_id"))
     name = name or str(value("general.basename", None) or "gguf")
     return cls(backend, name=name, bos_id=bos_id)
 

@@ -1,0 +1,1 @@
+"""Entry points: thin absl CLIs over the importable dualform modules (python -m experiments.<name>)."""

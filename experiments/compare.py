@@ -37,6 +37,8 @@ flags.DEFINE_integer("perm_id", None, "demonstration order: 0 drawn order, p > 0
 flags.DEFINE_string("perm_ids", None, "comma list of perm_ids paired with --seeds")
 flags.DEFINE_float("lr", None, "FT learning rate (default: the per-family table in experiments/configs/base.py)")
 flags.DEFINE_bool("lr_sweep", None, "choose the FT learning rate by a sweep on a held-out pool slice")
+flags.DEFINE_list("lr_grid", None, "learning rates of the sweep, e.g. 1e-4,1e-3,1e-2 (default: a 7-point log grid)")
+flags.DEFINE_integer("lr_heldout_examples", None, "size of the held-out pool slice of the sweep (default 200)")
 flags.DEFINE_integer("max_examples", None, "evaluate only the first N examples (0: all)")
 flags.DEFINE_enum("position", None, ["pred_pos", "label_pos"], "position of the headline metrics")
 flags.DEFINE_string("settings", None, "comma list of settings (default zsl,ft,icl; also ft_lcgd, icl_perm)")
@@ -50,11 +52,14 @@ flags.DEFINE_string("matmul_precision", None, "jax matmul precision during the r
 flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one device)")
 flags.DEFINE_integer("eval_tokens_per_batch", None, "evaluation batch size in padded tokens (default 4096)")
 flags.DEFINE_integer("eval_score_budget", None, "cap on rows * heads * T * (C + T) score elements per batch")
+flags.DEFINE_integer("eval_minimum_bucket", None, "smallest padded query length (default 16; GPU: 512 = fewer shapes)")
+flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
-_OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "max_examples", "position",
+_OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "lr_heldout_examples",
+              "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
-              "eval_tokens_per_batch", "eval_score_budget")
+              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "ft_bucket_multiple")
 
 
 def _model_slug(model: str) -> str:
@@ -67,7 +72,8 @@ def build_configs() -> list[tuple[object, pathlib.Path]]:
 
   if FLAGS.task is None:
     raise ValueError(f"--task is required: one of {', '.join(_TASKS)}, or all")
-  task_names = list(_TASKS) if FLAGS.task == "all" else [FLAGS.task]
+  # `all` runs CB (the smallest) first, then the protocol's order.
+  task_names = ["cb", "sst2", "sst5", "mr", "subj", "agnews"] if FLAGS.task == "all" else [FLAGS.task]
   result = []
   for task in task_names:
     config = configs.get_config(task)
@@ -75,6 +81,11 @@ def build_configs() -> list[tuple[object, pathlib.Path]]:
       value = getattr(FLAGS, name)
       if value is not None:
         setattr(config, name, value)
+    if FLAGS.lr_grid is not None:
+      try:
+        config.lr_grid = tuple(float(value) for value in FLAGS.lr_grid)
+      except ValueError:
+        raise ValueError(f"--lr_grid must be a comma list of numbers; got {','.join(FLAGS.lr_grid)}") from None
     if FLAGS.workdir is None:
       workdir = pathlib.Path("runs") / f"{task}-{_model_slug(config.model)}-seed{config.seed}"
     else:

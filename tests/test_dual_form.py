@@ -385,3 +385,62 @@ def test_bad_inputs_raise_one_line_value_errors():
     with pytest.raises(ValueError) as error:
       case()
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Materialising dW_ICL from a model: a tiny Transformer whose layer 0 uses relaxed linear attention.
+
+
+@pytest.mark.parametrize("family", ["fairseq_dense", "llama"])
+def test_dual_form_reproduces_a_model_layer(family):
+  """Layer 0's attention output over [demos; query] equals o_proj((W_ZSL + dW_ICL) q), with dW_ICL built from
+  the model's K/V kernels (fairseq: biases) or from its prefix cache (llama: RoPE keys, GQA)."""
+  from dualform.models import config as model_config
+  from dualform.models import transformer
+
+  with jax.enable_x64(True):
+    config = model_config.tiny_config(family, dtype="float64", param_dtype="float64")
+    model = transformer.set_attention(transformer.build_model(config, seed=0), "linear_relaxed", layers=(0,))
+    rng = np.random.default_rng(0)
+    demos = jnp.asarray(rng.integers(0, config.vocab_size, (1, 5)), jnp.int32)
+    query_tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, 3)), jnp.int32)
+    cache = model.encode_prefix(demos)
+    recorded = model.forward(query_tokens, cache=cache, record=transformer.RecordSpec(attn_out=True),
+                             record_positions=jnp.arange(3)[None], return_cache=True)
+    attn = model.layers[0].attn
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    kernel = lambda projection, count: df.split_heads(projection.kernel[...], count)
+    bias = lambda projection, count: df.split_heads(projection.bias[...], count) if config.use_bias else None
+    positions = model.default_positions(1, 3, offset=5)
+    normed = model.layers[0].attn_norm(model.embed_tokens(query_tokens, positions))
+    queries = df.project(normed, kernel(attn.q_proj, heads), bias(attn.q_proj, heads))  # [1, T, N, H]
+    icl = df.layer_meta_gradients(cache.keys, cache.values)[0]  # [1, K, H, H]
+    if family == "fairseq_dense":  # no RoPE: rebuild everything from the K/V kernels and biases
+      demo_normed = model.layers[0].attn_norm(model.embed_tokens(demos, model.default_positions(1, 5)))
+      args = dict(key_bias=bias(attn.k_proj, kv_heads), value_bias=bias(attn.v_proj, kv_heads))
+      from_kernels = df.icl_meta_gradient(kernel(attn.k_proj, kv_heads), kernel(attn.v_proj, kv_heads),
+                                          demo_normed, **args)
+      assert relative_error(from_kernels, icl) <= 1e-10
+      out = df.dual_form_output(kernel(attn.q_proj, heads), kernel(attn.k_proj, kv_heads),
+                                kernel(attn.v_proj, kv_heads), demo_normed, normed,
+                                query_bias=bias(attn.q_proj, heads), **args)
+    else:  # RoPE: keys and queries rotated at their positions; W_ZSL from this call's cached keys/values
+      queries = transformer.apply_rope(queries, positions, config.rope_theta)
+      zero_shot = df.causal_meta_gradients(recorded.cache.keys[0], recorded.cache.values[0])  # [1, T, K, H, H]
+      out = df.apply_weight(zero_shot + icl[:, None], queries)
+    flat = out.reshape(1, 3, heads * config.head_dim)
+    attn_out = attn.o_proj(flat)
+    assert relative_error(attn_out, recorded.records[0]["attn_out"]) <= 1e-10
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+  from experiments import dual_form_demo
+
+  workdir = str(tmp_path / "demo")
+  results = dual_form_demo.run(workdir, seed=0, sizes=((8, 4, 8, 4),))
+  assert (tmp_path / "demo" / "residuals.png").stat().st_size > 0
+  assert all(row["relative"] <= 1e-12 for row in results["differences"])
+  assert {row["precision"] for row in results["sweep"]} == set(dual_form_demo.PRECISIONS)
+  assert "SGD step from W_ZSL" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="--overwrite"):
+    dual_form_demo.run(workdir, seed=0, sizes=((8, 4, 8, 4),))

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from dualform import evaluate
 from dualform.models import build_model, tiny_config
 
@@ -16,6 +18,9 @@ ALL_RECORDS = evaluate.EvalRecordSpec(attn_out=True, query_scores=True, context_
 def _relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+_logits = nnx.jit(lambda model, tokens: model(tokens))
 
 
 def _inputs(seed: int, count: int = 11):
@@ -63,7 +68,7 @@ def test_label_scores_are_full_vocabulary_log_probs_at_t_minus_1():
     result = evaluate.evaluate(model, context, queries, labels)
     for i, query in enumerate(queries):
       tokens = jnp.asarray([context + query + [labels[0][0]]])
-      log_probs = jax.nn.log_softmax(model(tokens)[0, len(context) + len(query) - 1])
+      log_probs = jax.nn.log_softmax(_logits(model, tokens)[0, len(context) + len(query) - 1])
       expected = np.asarray(log_probs)[[5, 9]]
       assert _relative_error(result.label_scores[i], expected) <= 1e-5
 
@@ -88,7 +93,7 @@ def test_multitoken_labels_mean_teacher_forced_log_prob():
     for i, query in enumerate(queries):
       for j, label in enumerate(labels):
         tokens = context + query + label
-        log_probs = np.asarray(jax.nn.log_softmax(model(jnp.asarray([tokens]))[0], axis=-1))
+        log_probs = np.asarray(jax.nn.log_softmax(_logits(model, jnp.asarray([tokens]))[0], axis=-1))
         start = len(context) + len(query)
         expected = np.mean([log_probs[start - 1 + n, token] for n, token in enumerate(label)])
         assert abs(result.label_scores[i, j] - expected) <= 1e-5 * abs(expected)

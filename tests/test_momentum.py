@@ -1,4 +1,5 @@
-"""Tests for momentum attention (PROTOCOL §11): the lax.scan recurrence against its closed form.
+"""Tests for momentum attention (PROTOCOL §11): the lax.scan recurrence (and the associative scan)
+against the closed form.
 
 ``MoAttn(V, K, q_t) = Attn(V, K, q_t) + sum_{i<t} eta**(t-i) v_i``, per key/value head, queries the last
 T of the S keys. float64 at relative error <= 1e-10, float32 under matmul precision "highest" at <= 1e-5.
@@ -62,6 +63,7 @@ def test_momentum_hand_sized():
   v = jnp.array([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)
   np.testing.assert_array_equal(attention.momentum_values(v, 0.5)[0, :, 0, 0], [0.0, 0.5, 1.25])
   np.testing.assert_array_equal(attention.momentum_values_closed_form(v, 0.5)[0, :, 0, 0], [0.0, 0.5, 1.25])
+  np.testing.assert_array_equal(attention.momentum_values_associative(v, 0.5)[0, :, 0, 0], [0.0, 0.5, 1.25])
   # Two queries = the last two keys (positions 1 and 2); keys all zero, so softmax averages the visible values.
   q, k = jnp.ones((1, 2, 1, 1)), jnp.zeros((1, 3, 1, 1))
   out = attention.momentum_attention(q, k, v, eta=0.5, mask=attention.causal_mask(2, 3))
@@ -78,8 +80,10 @@ def test_scan_matches_closed_form(name, shape, per_head, seed):
     eta = jnp.asarray(rng.uniform(0.0, 0.99, shape[3]) if per_head else rng.uniform(0.0, 0.99), dtype)
     scanned = attention.momentum_values(v, eta)
     closed = attention.momentum_values_closed_form(v, eta)
-    assert scanned.dtype == dtype
+    associative = attention.momentum_values_associative(v, eta)
+    assert scanned.dtype == dtype and associative.dtype == dtype
     assert relative_error(scanned, closed) <= tolerance
+    assert relative_error(associative, closed) <= tolerance
     if shape[2] > 1:  # with one key every momentum is exactly zero
       assert relative_error(scanned, numpy_momenta(v, eta)) <= tolerance
 
@@ -93,6 +97,9 @@ def test_momentum_attention_adds_momenta_to_each_query_head(name, shape, seed):
     eta = jnp.asarray(np.random.default_rng(seed + 2).uniform(0.1, 0.9, shape[3]), dtype)
     mask = attention.causal_mask(shape[1], shape[2])
     out = attention.momentum_attention(q, k, v, eta=eta, mask=mask)
+    softmax_out = attention.softmax_attention(q, k, v, mask=mask)
+    associative = attention.add_momentum(softmax_out, v, eta, method="associative_scan")
+    assert relative_error(associative, out) <= tolerance
     # Query t sits at key index S - T + t; query head n reads kv head n // G.
     momenta = numpy_momenta(v, eta)[:, shape[2] - shape[1]:]
     expected = np.asarray(attention.softmax_attention(q, k, v, mask=mask), np.float64) + np.repeat(
@@ -114,7 +121,8 @@ def test_jit_matches_eager(name):
   with precision(name) as (dtype, tolerance):
     _, _, v = random_inputs((2, 4, 6, 2, 2, 3), 3, dtype)
     eta = jnp.asarray([0.3, 0.8], dtype)
-    for function in (attention.momentum_values, attention.momentum_values_closed_form):
+    for function in (attention.momentum_values, attention.momentum_values_closed_form,
+                     attention.momentum_values_associative):
       assert relative_error(jax.jit(function)(v, eta), function(v, eta)) <= tolerance
 
 
@@ -127,5 +135,17 @@ def test_gradients_match_closed_form_and_finite_differences():
     values = np.asarray(v)
     expected = sum((j - i) * eta ** (j - i - 1) * values[:, i].sum() for j in range(5) for i in range(j))
     np.testing.assert_allclose(gradient, expected, rtol=1e-12)
-    for function in (attention.momentum_values, attention.momentum_values_closed_form):
+    gradient = jax.grad(lambda e: jnp.sum(attention.momentum_values_associative(v, e)))(eta)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-12)
+    for function in (attention.momentum_values, attention.momentum_values_closed_form,
+                     attention.momentum_values_associative):
       check_grads(lambda v, e: function(v, e), (v, jnp.asarray([0.3, 0.7])), order=2, modes=("rev",))
+
+
+def test_unknown_method_and_missing_eta_raise_one_line_value_errors():
+  q, k, v = random_inputs((1, 2, 2, 1, 1, 2), 0, jnp.float32)
+  for case in (lambda: attention.add_momentum(q, v, 0.5, method="fft"),
+               lambda: attention.attention(q, k, v, kind="momentum")):
+    with pytest.raises(ValueError) as error:
+      case()
+    assert "\n" not in str(error.value)

@@ -179,3 +179,42 @@ def test_fairseq_bpe_matches_openai_reference(fairseq_tokenizer):
       expected = openai_gpt2_encode(line, encoder, ranks)
       assert fairseq_tokenizer.backend.encode(line).ids == expected, line
       assert fairseq_tokenizer.encode(line) == [int(fairseq_tokenizer.gpt2_to_fairseq[i]) for i in expected]
+
+
+def write_tokenizer_gguf(path, *, pre="smollm", add_bos=True, model="gpt2"):
+  """A tensor-free GGUF holding a 259-token byte-level BPE (256 bytes, "ab", "12", control "<s>")."""
+  import gguf
+  from tokenizers import pre_tokenizers
+  tokens = pre_tokenizers.ByteLevel.alphabet() + ["ab", "12", "<s>"]
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_tokenizer_model(model)
+  writer.add_tokenizer_pre(pre)
+  writer.add_token_list(tokens)
+  writer.add_token_types([1] * (len(tokens) - 1) + [3])
+  writer.add_token_merges(["a b", "1 2"])
+  writer.add_bos_token_id(len(tokens) - 1)
+  writer.add_add_bos_token(add_bos)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return tokens
+
+
+def test_gguf_tokenizer_flags_and_smollm_digit_split(tmp_path):
+  tokens = write_tokenizer_gguf(tmp_path / "tok.gguf")
+  tok = tokenizer_lib.ByteLevelBPETokenizer.from_gguf(tmp_path / "tok.gguf")
+  assert tok.bos_id == len(tokens) - 1 and tok.vocab_size == len(tokens)  # add_bos_token = true
+  assert tok.separator_id == tokens.index("Ċ")
+  assert tok.encode("ab") == [tokens.index("ab")] and tok.encode("<s>") == [tok.bos_id]
+  assert tok.encode("12") == [tokens.index("1"), tokens.index("2")]  # smollm isolates every digit
+  write_tokenizer_gguf(tmp_path / "gpt2.gguf", pre="gpt2", add_bos=False)
+  gpt2_split = tokenizer_lib.ByteLevelBPETokenizer.from_gguf(tmp_path / "gpt2.gguf")
+  assert gpt2_split.bos_id is None and gpt2_split.encode("12") == [tokens.index("12")]
+
+
+@pytest.mark.parametrize("changes, message", [(dict(pre="qwen2"), "pre"), (dict(model="llama"), "byte-level")])
+def test_gguf_tokenizer_refusals(tmp_path, changes, message):
+  write_tokenizer_gguf(tmp_path / "tok.gguf", **changes)
+  with pytest.raises(ValueError, match=message):
+    tokenizer_lib.ByteLevelBPETokenizer.from_gguf(tmp_path / "tok.gguf")

@@ -1,0 +1,153 @@
+"""Wiring tests of dualform.compare.run on tiny random models (records, settings, seeds, files)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from compare_fixtures import cached_loader, cached_pretrained, write_cb
+from dualform import compare
+from dualform import params as params_lib
+from dualform.data import packing
+from experiments import configs, plot
+
+
+def _config(data_dir, model, **overrides):
+  config = configs.get_config("cb")
+  config.model = model
+  config.data_dir = str(data_dir)
+  config.k = 4
+  config.max_examples = 6
+  for name, value in overrides.items():
+    setattr(config, name, value)
+  return config
+
+
+def test_run_llama_every_setting_two_seeds(tmp_path):
+  data_dir = write_cb(tmp_path / "data")
+  config = _config(data_dir, "random:tiny-llama", settings="zsl,ft,icl,ft_lcgd,icl_perm", seeds="3,4",
+                   perm_ids="0,1", lr=0.01)
+  workdir = tmp_path / "run"
+  results = compare.run(config, workdir, load_pretrained=cached_loader, finalize=[plot.plot_run])
+  names = {path.name for path in workdir.iterdir()}
+  assert {"config.json", "results.json", "summary.md", "records", "simaou.png", "simam.png",
+          "accuracy.png"} <= names
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no temporary folder left
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk["aggregate"] == json.loads(json.dumps(on_disk["aggregate"]))
+  assert results["num_examples"] == 6 and len(results["examples"]) == 6
+  assert results["single_token_labels"] and results["separator_id"] == 198 and results["bos"] is False
+  assert [run["run_id"] for run in results["runs"]] == ["seed3-perm0", "seed4-perm1"]
+  settings = ["ft", "ft_lcgd", "zsl", "icl", "icl_perm"]
+  assert results["settings"] == settings
+  tokenizer = cached_pretrained("random:tiny-llama").tokenizer
+  for run in results["runs"]:
+    for name in settings:
+      records = np.load(workdir / "records" / f"{run['run_id']}_{name}.npz")
+      assert records["label_scores"].shape == (6, 3)  # one row per evaluated example
+      assert records["attn_out"].shape[:3] == (6, 2, 2)  # [N, layers, positions, D]
+      if name.startswith("icl"):
+        assert records["context_scores"].shape[:3] == (6, 2, 2)
+    train = np.load(workdir / "records" / f"{run['run_id']}_ft_train.npz")
+    context = run["context"]
+    assert train["queries"].shape[0] == sum(end - start for start, end in context["demo_spans"])
+    assert run["finetune"]["ft"]["trainable_count"] > 0 and run["finetune"]["ft_lcgd"]["objective"] == "lcgd"
+    assert run["context"]["token_ids"].count(198) == run["k_eff"]  # one separator after every demo
+    assert tokenizer.decode(run["context"]["token_ids"]) == run["context"]["text"]
+    for comparison in ("icl_vs_ft", "icl_vs_ft_lcgd", "icl_vs_icl_perm"):
+      blocks = run["metrics"][comparison]
+      assert set(blocks) == {"pred_pos", "label_pos"}
+      assert len(blocks["pred_pos"]["simaou"]["per_layer"]) == 2
+      assert "kendall" in blocks["pred_pos"] and "kendall" not in blocks["label_pos"]
+      assert "shuffled" in blocks["pred_pos"]
+  assert results["runs"][1]["icl_perm_context"]["perm_id"] == 2
+  assert results["aggregate"]["accuracy/icl"]["n"] == 2
+  assert results["aggregate"]["icl_vs_ft/simaou"]["n"] == 2
+  for example in results["examples"]:
+    assert set(example["predictions"]) == {"seed3-perm0", "seed4-perm1"}
+    assert set(example["predictions"]["seed3-perm0"]) == set(settings)
+  summary = (workdir / "summary.md").read_text()
+  assert "SimAOU" in summary and "Rec2FTP" in summary and "± " in summary
+
+
+def test_run_fairseq_sweep_label_pos_and_determinism(tmp_path):
+  data_dir = write_cb(tmp_path / "data")
+  config = _config(data_dir, "random:tiny-fairseq", position="label_pos", lr_sweep=True, lr_grid=(1e-3, 1e-1),
+                   lr_heldout_examples=3)
+  first = compare.run(config, tmp_path / "a", load_pretrained=cached_loader)
+  assert first["bos"] is True and first["separator_id"] == 2 and first["position"] == "label_pos"
+  run = first["runs"][0]
+  assert run["context"]["token_ids"][0] == 0
+  assert run["learning_rate"]["source"] == "lr_sweep"
+  sweep = run["learning_rate"]["sweep"]
+  assert sweep["grid"] == [1e-3, 1e-1] and sweep["chosen"] in sweep["grid"] and len(sweep["results"]) == 2
+  # The held-out slice excludes the demonstrations.
+  assert not set(sweep["heldout_pool_indices"]) & set(run["context"]["demo_pool_indices"])
+  assert "kendall" in run["metrics"]["icl_vs_ft"]["label_pos"]
+  second = compare.run(config, tmp_path / "b", load_pretrained=cached_loader)
+  for name in ("zsl", "ft", "icl"):
+    a = np.load(tmp_path / "a" / "records" / f"seed3-perm0_{name}.npz")
+    b = np.load(tmp_path / "b" / "records" / f"seed3-perm0_{name}.npz")
+    np.testing.assert_array_equal(a["label_scores"], b["label_scores"])
+  assert first["runs"][0]["headline"] == second["runs"][0]["headline"]
+
+
+def test_existing_folder_refused_and_overwrite(tmp_path):
+  data_dir = write_cb(tmp_path / "data")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "keep.txt").write_text("old")
+  config = _config(data_dir, "random:tiny-llama", settings="zsl,icl")
+  with pytest.raises(ValueError, match="already exists"):
+    compare.run(config, workdir, load_pretrained=cached_loader)
+  assert (workdir / "keep.txt").read_text() == "old"
+  compare.run(config, workdir, overwrite=True, load_pretrained=cached_loader)
+  assert not (workdir / "keep.txt").exists() and (workdir / "results.json").exists()
+
+
+def test_untrained_control_keeps_embeddings_and_norms():
+  model = cached_pretrained("random:tiny-fairseq").model
+  control = compare.untrained_control(model, seed=7)
+  before, after = params_lib.flat_params(model), params_lib.flat_params(control)
+  for path in before:
+    same = np.array_equal(np.asarray(before[path]), np.asarray(after[path]))
+    reinitialised = params_lib.PathRegex(r"^layers/\d+/(attn|mlp)/.*$")(tuple(path.split("/")), None)
+    if reinitialised and path.endswith("kernel"):
+      assert not same, path
+    elif not reinitialised:
+      assert same, path
+  assert nnx.graphdef(control) == nnx.graphdef(model)
+
+
+def test_config_validation_and_runs():
+  config = configs.get_config("cb")
+  assert compare.resolve_runs(config) == [(3, 0)]
+  config.seeds, config.perm_ids = "1,2,3", "0,1,2"
+  assert compare.resolve_runs(config) == [(1, 0), (2, 1), (3, 2)]
+  for field, value, message in (("position", "middle", "unknown position"),
+                                ("settings", "zsl,ft", "must include 'icl'"),
+                                ("settings", "zsl,icl,bogus", "unknown settings"),
+                                ("perm_ids", "0,1", "one per seed"),
+                                ("seeds", "a,b", "comma list"),
+                                ("model_init", "random", "unknown model_init")):
+    bad = configs.get_config("cb")
+    setattr(bad, field, value)
+    with pytest.raises(ValueError, match=message):
+      compare.validate_config(bad)
+  with pytest.raises(ValueError, match="unknown task"):
+    configs.get_config("imdb")
+
+
+def test_records_count_checked_against_context():
+  """Kendall's token order: FT queries line up with the packed context's demo tokens."""
+  tokenizer = cached_pretrained("random:tiny-llama").tokenizer
+  from compare_fixtures import CB_TRAIN
+  from dualform.data import tasks
+  pool = [tasks.Example(fields={"premise": p, "hypothesis": h}, label=label, index=i)
+          for i, (p, h, label) in enumerate(CB_TRAIN)]
+  context = packing.pack_context(tokenizer, "cb", pool, seed=3, k=4, max_query_len=40)
+  sequences = packing.finetune_sequences(tokenizer, "cb", context)
+  assert sequences.num_demo_tokens == len(context.demo_token_positions)
