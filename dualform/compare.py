@@ -217,7 +217,8 @@ def prepare(config, *, load_pretrained: Callable | None = None) -> _Prepared:
   eval_all = tasks.load_eval_set(task, data_dir)
   if load_pretrained is None:
     from dualform.loading import load_pretrained
-  pretrained = load_pretrained(config.model, dtype=config.dtype)
+  extra = {"trust_pickle": True} if config.get("trust_pickle") else {}
+  pretrained = load_pretrained(config.model, dtype=config.dtype, **extra)
   model, tokenizer, info = pretrained.model, pretrained.tokenizer, dict(pretrained.info)
   single_token = packing.labels_are_single_tokens(tokenizer, task, config.template_index)
   encode = lambda example: packing.encode_query(tokenizer, task, example, template_index=config.template_index,
@@ -809,7 +810,7 @@ def summary_markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _abstract_loader(name: str, dtype: str = "float32"):
+def _abstract_loader(name: str, dtype: str = "float32", **kwargs):
   """For dry runs: the tokenizer and an abstract (eval_shape) model, without reading weights when the
   name is a named config (``random:<config>``, ``smollm2-135m``); other names load normally."""
   from dualform import loading
@@ -819,7 +820,7 @@ def _abstract_loader(name: str, dtype: str = "float32"):
 
   config_name = name[len("random:"):] if name.startswith("random:") else name
   if config_name not in NAMED_CONFIGS:
-    return loading.load_pretrained(name, dtype=dtype)
+    return loading.load_pretrained(name, dtype=dtype, **kwargs)
   model_config = NAMED_CONFIGS[config_name].replace(dtype=dtype, param_dtype=dtype)
   tokenizer = tokenizer_lib.load_tokenizer("smollm2" if model_config.family == "llama" else "gpt2-fairseq")
   return loading.Pretrained(abstract_model(model_config), tokenizer,

@@ -181,7 +181,7 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     allow_multitoken_labels: score multi-token labels by mean teacher-forced log-prob, one pass per candidate.
     shard_batch: optional function placing a host batch on the mesh (``dualform.sharding.shard_batch``).
     row_multiple: rows per batch are a multiple of this (the data-parallel device count).
-    progress: called with the number of examples finished after each batch is dispatched.
+    progress: called with the number of examples finished (read back) after each batch.
   """
   start = time.perf_counter()
   single, label_ids = _single_label_ids(label_tokens)
@@ -212,20 +212,13 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
 def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, tokens_per_batch, minimum_bucket,
                      pad_id, place, row_multiple, progress) -> EvalResult:
   lengths = np.asarray([len(sequence) for sequence in sequences])
-  label_ids_device = jnp.asarray(label_ids)
-  pending, shapes, done = [], set(), 0
-  for bucket, rows, indices in _batches(lengths, tokens_per_batch, row_multiple, minimum_bucket):
-    tokens, batch_lengths = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
-    outputs = _score_batch(graphdef, state, cache, place(tokens), place(batch_lengths), label_ids_device,
-                           record=record)  # dispatched asynchronously; read back below
-    pending.append((indices, outputs))
-    shapes.add((bucket, rows))
-    done += len(indices)
-    if progress is not None:
-      progress(done)
   count, query_max = len(sequences), int(lengths.max())
+  label_ids_device = jnp.asarray(label_ids)
   collected: dict[str, np.ndarray] = {}
-  for indices, outputs in pending:
+  pending, shapes, done = [], set(), 0
+
+  def collect(indices, outputs):
+    """Copies one finished batch into the per-example arrays (blocks until the device is done with it)."""
     for name, value in outputs.items():
       value = np.asarray(value)[:len(indices)]
       if name == "query_scores":
@@ -235,6 +228,24 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, token
       if name not in collected:
         collected[name] = np.zeros((count,) + value.shape[1:], np.float32)
       collected[name][indices] = value
+
+  for bucket, rows, indices in _batches(lengths, tokens_per_batch, row_multiple, minimum_bucket):
+    tokens, batch_lengths = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
+    outputs = _score_batch(graphdef, state, cache, place(tokens), place(batch_lengths), label_ids_device,
+                           record=record)  # dispatched asynchronously
+    pending.append((indices, outputs))
+    shapes.add((bucket, rows))
+    while len(pending) > 2:  # keep two batches in flight; read back the oldest
+      finished, outputs = pending.pop(0)
+      collect(finished, outputs)
+      done += len(finished)
+      if progress is not None:
+        progress(done)
+  for finished, outputs in pending:
+    collect(finished, outputs)
+    done += len(finished)
+    if progress is not None:
+      progress(done)
   if "query_scores" in collected:  # zero the keys beyond each example's query part
     valid = np.arange(query_max)[None, :] < lengths[:, None]
     collected["query_scores"] *= valid[:, None, None, None, :]

@@ -47,6 +47,7 @@ flags.DEFINE_integer("kendall_max_examples", None, "Kendall over the first N exa
 flags.DEFINE_string("data_dir", None, "data folder (default $DUALFORM_DATA_DIR or ../shared/data)")
 flags.DEFINE_string("workdir", None, "run folder (default runs/<task>-<model>-seed<seed>)")
 flags.DEFINE_bool("overwrite", False, "replace an existing run folder")
+flags.DEFINE_bool("trust_pickle", None, "fairseq model.pt: allow full unpickling of a trusted checkpoint (logged)")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter and compute dtype (default float32)")
 flags.DEFINE_string("matmul_precision", None, "jax matmul precision during the run (default highest)")
 flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one device)")
@@ -59,7 +60,7 @@ flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and prin
 _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "lr_heldout_examples",
               "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
-              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "ft_bucket_multiple")
+              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "ft_bucket_multiple", "trust_pickle")
 
 
 def _model_slug(model: str) -> str:

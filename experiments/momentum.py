@@ -8,6 +8,7 @@ Modes::
   python -m experiments.momentum --config=experiments/configs/momentum_gpu.py   # GPU study (see its docstring)
   python -m experiments.momentum --mode=inference_ablation         # SmolLM2-135M, eta swept without retraining
   python -m experiments.momentum --mode=bundle --bundle_dir=.carry/momentum     # offline inputs for the GPU
+  python -m experiments.momentum --mode=aggregate --inputs=a/results.json,b/eval.json ...  # merge partial runs
 
 ``study``: for every seed, a vanilla model and one momentum model per eta (optionally one with eta learned
 per head) are trained with the same initialisation seed, block order, parameter count and steps
@@ -23,7 +24,8 @@ Run folder: ``config.json``, ``results.json``, ``summary.md``, ``ppl_vs_length.p
 config is refused unless ``--overwrite``.
 
 Public names: variants, study_model_config, pretrain_config, mean_confidence_interval, prepare_icl,
-icl_scores, run_study, aggregate, run_inference_ablation, build_bundle, main.
+icl_scores, run_study, aggregate, aggregate_files, summary_markdown, plot_study, run_inference_ablation,
+build_bundle, main.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-_MODES = ("study", "inference_ablation", "bundle")
+_MODES = ("study", "inference_ablation", "bundle", "aggregate")
 
 
 # ----------------------------------------------------------------------------------------------- variants
@@ -444,6 +446,39 @@ def plot_study(results: dict, workdir: pathlib.Path) -> None:
   plt.close(figure)
 
 
+def aggregate_files(config, inputs, workdir: str | os.PathLike, *, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> dict:
+  """Merges per-run records from several partial studies (``results.json`` or ``eval.json`` files, or study
+  folders) of the same config, e.g. seeds run in separate GPU jobs, and writes the study outputs."""
+  from dualform.runs import atomic_write_json
+  records: dict[tuple[str, int], dict] = {}
+  for item in inputs:
+    path = pathlib.Path(item)
+    files = sorted(path.glob("runs/*/eval.json")) if path.is_dir() else [path]
+    if not files:
+      raise ValueError(f"{path} holds no runs/*/eval.json; pass results.json, eval.json files or study folders")
+    for file in files:
+      payload = json.loads(file.read_text())
+      for record in payload.get("runs", [payload]):
+        if "variant" not in record or "seed" not in record:
+          raise ValueError(f"{file} is not a momentum-study results.json or eval.json")
+        records[(record["variant"], int(record["seed"]))] = record
+  wanted = {(variant.name, int(seed)) for variant in variants(config) for seed in config.seeds}
+  missing = sorted(wanted - set(records))
+  if missing:
+    log(f"warning: {len(missing)} (variant, seed) runs missing: {missing}")
+  ordered = [records[key] for key in sorted(records, key=lambda key: (key[1], key[0])) if key in wanted]
+  workdir = pathlib.Path(workdir)
+  _prepare_workdir(workdir, json.loads(config.to_json_best_effort()), overwrite)
+  results = aggregate(config, ordered)
+  results.update(merged_from=[str(item) for item in inputs], missing_runs=missing)
+  atomic_write_json(workdir / "results.json", results)
+  (workdir / "summary.md").write_text(summary_markdown(config, results))
+  plot_study(results, workdir)
+  log(f"merged {len(ordered)} runs into {workdir}")
+  return results
+
+
 # ------------------------------------------------------------------------------------ inference ablation
 
 
@@ -583,6 +618,8 @@ def main(argv):
       run_study(config, workdir, overwrite=FLAGS.overwrite)
     elif mode == "inference_ablation":
       run_inference_ablation(config, workdir, overwrite=FLAGS.overwrite)
+    elif mode == "aggregate":
+      aggregate_files(config, [item for item in FLAGS.inputs.split(",") if item], workdir, overwrite=FLAGS.overwrite)
     else:
       build_bundle(config, FLAGS.bundle_dir)
   except ValueError as error:
@@ -599,6 +636,7 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "run folder (default runs/<config.name>[-ablation])")
   flags.DEFINE_bool("overwrite", False, "replace a run folder that holds a different config")
   flags.DEFINE_string("bundle_dir", ".carry/momentum", "where --mode=bundle writes the offline inputs")
+  flags.DEFINE_string("inputs", "", "--mode=aggregate: comma list of results.json / eval.json files or study folders")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 * ``simam.png``: per-layer SimAM against ZSL-SimAM, with SimAM_Δ;
 * ``accuracy.png``: accuracy per setting (mean ± std over runs).
 
-Public names: :func:`plot_run`, :func:`main`.
+``python -m experiments.plot --table <run folder>...`` prints one markdown row per run folder (the table of
+docs/results.md).
+
+Public names: :func:`plot_run`, :func:`table_markdown`, :func:`main`.
 """
 
 from __future__ import annotations
@@ -100,9 +103,45 @@ def plot_run(folder: str | os.PathLike) -> list[pathlib.Path]:
   return written
 
 
+def _cell(aggregate: dict, name: str, digits: int) -> str:
+  entry = aggregate.get(name)
+  if not entry or entry.get("mean") is None or not np.isfinite(entry["mean"]):
+    return "n/a"
+  text = f"{entry['mean']:.{digits}f}"
+  if entry.get("n", 1) > 1 and entry.get("std") is not None and np.isfinite(entry["std"]):
+    text += f" ± {entry['std']:.{digits}f}"
+  return text
+
+
+def table_markdown(folders: list[str | os.PathLike]) -> str:
+  """One row per run folder: N, k_eff, LR, accuracy ZSL/FT/ICL, Rec2FTP (counts), chance Rec2FTP, SimAOU vs
+  random, SimAM vs ZSL-SimAM, SimAM_Δ, Kendall (token, example) vs random, wall time; from results.json."""
+  header = ("| task | N | k_eff | FT lr | ZSL | FT | ICL | Rec2FTP (n/d) | chance | SimAOU | random | SimAM | "
+            "ZSL-SimAM | SimAM_Δ | Kendall tok | random | Kendall ex | random | wall s |")
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
+  for folder in folders:
+    results = json.loads((pathlib.Path(folder) / "results.json").read_text())
+    aggregate, run = results["aggregate"], results["runs"][0]
+    rec = run.get("correctness", {}).get("icl_vs_ft", {}).get("rec2ftp", {})
+    cells = [results["task"], str(results["num_examples"]), str(run["k_eff"]),
+             f"{run['learning_rate']['value']:g}" if run["learning_rate"].get("value") else "n/a"]
+    cells += [_cell(aggregate, f"accuracy/{name}", 1) for name in ("zsl", "ft", "icl")]
+    cells.append(f"{_cell(aggregate, 'icl_vs_ft/rec2ftp', 1)} ({rec.get('numerator')}/{rec.get('denominator')})")
+    cells.append(_cell(aggregate, "icl_vs_ft/chance_rec2ftp", 1))
+    cells += [_cell(aggregate, f"icl_vs_ft/{name}", 3) for name in
+              ("simaou", "random_simaou", "simam", "zsl_simam", "simam_delta", "kendall_token",
+               "random_kendall_token", "kendall_example", "random_kendall_example")]
+    cells.append(f"{results['timings']['wall_seconds']:.0f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
+  if len(argv) >= 3 and argv[1] == "--table":
+    print(table_markdown(argv[2:]), end="")
+    return 0
   if len(argv) != 2:
-    print("usage: python -m experiments.plot <run folder>", file=sys.stderr)
+    print("usage: python -m experiments.plot <run folder> | --table <run folder>...", file=sys.stderr)
     return 2
   try:
     for path in plot_run(argv[1]):

@@ -125,7 +125,9 @@ def test_grouped_query_head_order_hand_sized():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Randomized against references.
+# Randomized against references (jitted: one compilation per shape, kind and precision).
+
+jitted_attention = jax.jit(attention.attention, static_argnames=("kind", "scale"))
 
 
 @pytest.mark.parametrize("name", PRECISIONS)
@@ -137,7 +139,7 @@ def test_attention_matches_numpy(name, kind, shape, mask_kind, scale, seed):
   with precision(name) as (dtype, tolerance):
     q, k, v = random_inputs(shape, seed, dtype)
     mask = make_mask(mask_kind, shape, seed)
-    actual = attention.attention(q, k, v, kind=kind, mask=mask, scale=scale)
+    actual = jitted_attention(q, k, v, kind=kind, mask=mask, scale=scale)
     assert actual.dtype == dtype and actual.shape == q.shape[:3] + v.shape[-1:]
     assert relative_error(actual, numpy_attention(q, k, v, mask, scale, kind)) <= tolerance
 
@@ -151,8 +153,17 @@ def test_softmax_matches_jax_dot_product_attention(shape, mask_kind, seed):
     mask = make_mask(mask_kind, shape, seed)
     reference_mask = None if mask is None else jnp.broadcast_to(
         jnp.expand_dims(mask, -3), (q.shape[0], 1, q.shape[1], k.shape[1]))
-    expected = jax.nn.dot_product_attention(q, k, v, mask=reference_mask, implementation="xla")
-    assert relative_error(attention.softmax_attention(q, k, v, mask=mask), expected) <= tolerance
+    expected = jax.jit(jax.nn.dot_product_attention, static_argnames="implementation")(
+        q, k, v, mask=reference_mask, implementation="xla")
+    assert relative_error(jitted_attention(q, k, v, kind="softmax", mask=mask), expected) <= tolerance
+
+
+@jax.jit
+def pieces(q, k, v):
+  mask = attention.causal_mask(q.shape[1], k.shape[1])
+  scores = attention.attention_scores(q, k)
+  weights = attention.attention_weights(scores, mask, "softmax")
+  return mask, scores, weights, attention.weighted_values(weights, v), attention.softmax_attention(q, k, v, mask=mask)
 
 
 @pytest.mark.parametrize("name", PRECISIONS)
@@ -161,17 +172,14 @@ def test_softmax_matches_jax_dot_product_attention(shape, mask_kind, seed):
 def test_pieces_compose_and_scores_are_pre_mask(name, shape, seed):
   with precision(name) as (dtype, tolerance):
     q, k, v = random_inputs(shape, seed, dtype)
-    mask = attention.causal_mask(q.shape[1], k.shape[1])
-    scores = attention.attention_scores(q, k)
+    mask, scores, weights, out, composed = pieces(q, k, v)
     expected_scores = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64),
                                 np.repeat(np.asarray(k, np.float64), shape[4], axis=2)) * shape[5] ** -0.5
     assert scores.shape == (shape[0], shape[3] * shape[4], shape[1], shape[2])
     assert relative_error(scores, expected_scores) <= tolerance
-    weights = attention.attention_weights(scores, mask, "softmax")
     np.testing.assert_allclose(np.sum(np.asarray(weights, np.float64), axis=-1), 1.0, rtol=tolerance)
     assert np.all(np.asarray(weights)[..., ~np.asarray(mask)] == 0)
-    out = attention.weighted_values(weights, v)
-    assert relative_error(out, attention.softmax_attention(q, k, v, mask=mask)) <= tolerance
+    assert relative_error(out, composed) <= tolerance
 
 
 def test_low_precision_inputs_keep_their_dtype():
@@ -201,9 +209,9 @@ def test_gradients_flow_and_match_finite_differences():
     mask = attention.causal_mask(2, 3)
     for kind in ("softmax", "linear_relaxed", "momentum"):
       run = lambda q, k, v: attention.attention(q, k, v, kind=kind, mask=mask, eta=0.3)
-      gradients = jax.grad(lambda *a: jnp.sum(jnp.sin(run(*a))), argnums=(0, 1, 2))(q, k, v)
+      gradients = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(run(*a))), argnums=(0, 1, 2)))(q, k, v)
       assert all(bool(jnp.all(jnp.isfinite(g))) for g in gradients), kind
-      check_grads(run, (q, k, v), order=2, modes=("rev",))
+      check_grads(jax.jit(run), (q, k, v), order=2, modes=("rev",))
     pieces = {
         "attention_scores": lambda q: attention.attention_scores(q, k),
         "attention_weights": lambda q: attention.attention_weights(attention.attention_scores(q, k), mask, "softmax"),

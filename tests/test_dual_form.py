@@ -5,6 +5,7 @@ Identities run in float64 (relative error <= 1e-10) and in float32 under matmul 
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,15 @@ def test_icl_identity_hand_sized():
   np.testing.assert_array_equal(linear_attention_over_concatenation(problem, causal=True), expected)
 
 
+# Each randomized check computes both sides in one jitted function: one compilation per shape and precision
+# (hypothesis repeats shapes from SHAPES), instead of one per eager operation.
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def icl_sides(problem, causal):
+  return df.dual_form_output(**problem, causal=causal), linear_attention_over_concatenation(problem, causal)
+
+
 @pytest.mark.parametrize("name", PRECISIONS)
 @pytest.mark.parametrize("causal", [True, False])
 @HYPOTHESIS
@@ -114,10 +124,15 @@ def test_icl_identity_hand_sized():
 def test_icl_identity_random(name, causal, shape):
   with precision(name) as (dtype, tolerance):
     problem = random_problem(shape, dtype, biases=True)  # the hand-sized case has no biases
-    expected = linear_attention_over_concatenation(problem, causal)
-    actual = df.dual_form_output(**problem, causal=causal)
+    actual, expected = icl_sides(problem, causal)
     assert actual.shape == expected.shape and actual.dtype == dtype
     assert relative_error(actual, expected) <= tolerance
+
+
+@jax.jit
+def prefix_sides(keys, values):
+  direct = [df.meta_gradient(keys[:, :t + 1], values[:, :t + 1]) for t in range(keys.shape[1])]
+  return df.causal_meta_gradients(keys, values), jnp.stack(direct, axis=1)
 
 
 @pytest.mark.parametrize("name", PRECISIONS)
@@ -128,10 +143,8 @@ def test_causal_meta_gradients_are_prefix_sums(name, shape):
     problem = random_problem(shape, dtype)
     keys = df.project(problem["tokens"], problem["key_kernel"])
     values = df.project(problem["tokens"], problem["value_kernel"])
-    prefix = df.causal_meta_gradients(keys, values)
-    for t in range(keys.shape[1]):
-      direct = df.meta_gradient(keys[:, :t + 1], values[:, :t + 1])
-      assert relative_error(prefix[:, t], direct) <= tolerance
+    prefix, direct = prefix_sides(keys, values)
+    assert relative_error(prefix, direct) <= tolerance
 
 
 def test_meta_gradient_mask_drops_tokens():
@@ -174,6 +187,21 @@ def test_finetune_identity_hand_sized():
   np.testing.assert_array_equal(df.apply_weight(zero_shot + delta, query), [[[[1.0, 4.0]]]])
 
 
+@jax.jit
+def finetune_sides(problem, key_delta, value_delta):
+  """(W_ZSL + dW_FT) q; the finetuned layer's relaxed attention over X; dW_FT two ways; W_ZSL + dW_FT."""
+  tokens, key_kernel, value_kernel = problem["tokens"], problem["key_kernel"], problem["value_kernel"]
+  queries = df.project(tokens, problem["query_kernel"])
+  finetuned = attention.linear_attention(queries, df.project(tokens, key_kernel + key_delta),
+                                         df.project(tokens, value_kernel + value_delta))
+  zero_shot = df.zero_shot_weight(key_kernel, value_kernel, tokens)
+  delta = df.finetune_delta(key_kernel, value_kernel, key_delta, value_delta, tokens)
+  general = df.finetune_delta_from_keys_values(
+      df.project(tokens, key_kernel), df.project(tokens, value_kernel),
+      df.project(tokens, key_kernel + key_delta), df.project(tokens, value_kernel + value_delta))
+  return df.apply_weight(zero_shot + delta, queries), finetuned, delta, general, zero_shot + delta
+
+
 @pytest.mark.parametrize("name", PRECISIONS)
 @HYPOTHESIS
 @given(shape=attention_shapes())
@@ -183,21 +211,10 @@ def test_finetune_identity_random(name, shape):
     rng = np.random.default_rng(shape["seed"] + 1)
     key_delta = normal(rng, problem["key_kernel"].shape, dtype, 0.3)
     value_delta = normal(rng, problem["value_kernel"].shape, dtype, 0.3)
-    tokens = problem["tokens"]
-    queries = df.project(tokens, problem["query_kernel"])
-    # Left-hand side: the finetuned layer attends (relaxed, no mask) over X.
-    finetuned = attention.linear_attention(
-        queries, df.project(tokens, problem["key_kernel"] + key_delta),
-        df.project(tokens, problem["value_kernel"] + value_delta))
-    zero_shot = df.zero_shot_weight(problem["key_kernel"], problem["value_kernel"], tokens)
-    delta = df.finetune_delta(problem["key_kernel"], problem["value_kernel"], key_delta, value_delta, tokens)
-    assert relative_error(df.apply_weight(zero_shot + delta, queries), finetuned) <= tolerance
-    general = df.finetune_delta_from_keys_values(
-        df.project(tokens, problem["key_kernel"]), df.project(tokens, problem["value_kernel"]),
-        df.project(tokens, problem["key_kernel"] + key_delta),
-        df.project(tokens, problem["value_kernel"] + value_delta))
+    dual, finetuned, delta, general, finetuned_weight = finetune_sides(problem, key_delta, value_delta)
+    assert relative_error(dual, finetuned) <= tolerance
     # The difference form cancels W_ZSL, so compare against the scale of the finetuned weight.
-    scale = np.max(np.abs(np.asarray(zero_shot + delta, np.float64)))
+    scale = np.max(np.abs(np.asarray(finetuned_weight, np.float64)))
     assert np.max(np.abs(np.asarray(general - delta, np.float64))) <= tolerance * scale
 
 
@@ -260,9 +277,16 @@ def test_gradient_descent_dual_hand_sized():
                                                                 jnp.array([2.0, 0.0])), [1.0])
 
 
+@functools.partial(jax.jit, static_argnames="loss_of_output")
+def gradient_descent_sides(initial, inputs, targets, test_inputs, learning_rate, loss_of_output):
+  weight, gradients = run_sgd(initial, inputs, targets, learning_rate, loss_of_output)
+  errors = df.error_signals(gradients, learning_rate)
+  return df.gradient_descent_dual_output(initial, errors, inputs, test_inputs), test_inputs @ weight.T
+
+
 @pytest.mark.parametrize("name", PRECISIONS)
 @pytest.mark.parametrize("loss_of_output", [squared_error, softmax_cross_entropy])
-@settings(max_examples=10, deadline=None)
+@HYPOTHESIS
 @given(sizes=st.sampled_from([(1, 1, 1), (1, 3, 4), (3, 2, 5), (4, 5, 3)]),
        learning_rate=st.floats(0.01, 0.5), seed=st.integers(0, 2**31 - 1))
 def test_gradient_descent_dual_matches_optax_sgd(name, loss_of_output, sizes, learning_rate, seed):
@@ -272,32 +296,36 @@ def test_gradient_descent_dual_matches_optax_sgd(name, loss_of_output, sizes, le
     initial = normal(rng, (out_dim, in_dim), dtype)
     inputs, targets = normal(rng, (steps, in_dim), dtype), normal(rng, (steps, out_dim), dtype)
     test_inputs = normal(rng, (3, in_dim), dtype)
-    weight, gradients = run_sgd(initial, inputs, targets, learning_rate, loss_of_output)
-    errors = df.error_signals(gradients, learning_rate)
-    dual = df.gradient_descent_dual_output(initial, errors, inputs, test_inputs)
-    assert relative_error(dual, test_inputs @ weight.T) <= tolerance
+    dual, trained = gradient_descent_sides(initial, inputs, targets, test_inputs, learning_rate, loss_of_output)
+    assert relative_error(dual, trained) <= tolerance
+
+
+@jax.jit
+def sgd_step_sides(problem, learning_rate):
+  """One optax SGD step on meta_gradient_loss from W_ZSL (inputs: demo keys, errors: demo values)."""
+  keys = df.project(problem["demo_tokens"], problem["key_kernel"])[0, :, 0]  # [S, H]
+  values = df.project(problem["demo_tokens"], problem["value_kernel"])[0, :, 0]  # [S, V]
+  zero_shot = df.zero_shot_weight(problem["key_kernel"], problem["value_kernel"], problem["tokens"])[0, 0]
+  optimizer = optax.sgd(learning_rate)
+  gradient = jax.grad(df.meta_gradient_loss)(zero_shot, keys, values, learning_rate)
+  updates, _ = optimizer.update(gradient, optimizer.init(zero_shot))
+  stepped = optax.apply_updates(zero_shot, updates)
+  icl = df.icl_meta_gradient(problem["key_kernel"], problem["value_kernel"], problem["demo_tokens"])[0, 0]
+  queries = df.project(problem["tokens"], problem["query_kernel"])[0, :, 0]  # [T, H]
+  expected = linear_attention_over_concatenation(problem, causal=False)[0, :, 0]
+  return stepped, zero_shot + icl, queries @ stepped.T, expected
 
 
 @pytest.mark.parametrize("name", PRECISIONS)
 @HYPOTHESIS
 @given(shape=attention_shapes(), learning_rate=st.floats(0.01, 2.0))
 def test_one_sgd_step_from_zero_shot_weight_is_attention(name, shape, learning_rate):
-  """One optax SGD step on meta_gradient_loss from W_ZSL (inputs: demo keys, errors: demo values)."""
   shape = dict(shape, batch=1, kv_heads=1, group=1)
   with precision(name) as (dtype, tolerance):
     problem = random_problem(shape, dtype)
-    keys = df.project(problem["demo_tokens"], problem["key_kernel"])[0, :, 0]  # [S, H]
-    values = df.project(problem["demo_tokens"], problem["value_kernel"])[0, :, 0]  # [S, V]
-    zero_shot = df.zero_shot_weight(problem["key_kernel"], problem["value_kernel"], problem["tokens"])[0, 0]
-    optimizer = optax.sgd(learning_rate)
-    gradient = jax.grad(df.meta_gradient_loss)(zero_shot, keys, values, learning_rate)
-    updates, _ = optimizer.update(gradient, optimizer.init(zero_shot))
-    stepped = optax.apply_updates(zero_shot, updates)
-    icl = df.icl_meta_gradient(problem["key_kernel"], problem["value_kernel"], problem["demo_tokens"])[0, 0]
-    assert relative_error(stepped, zero_shot + icl) <= tolerance
-    queries = df.project(problem["tokens"], problem["query_kernel"])[0, :, 0]  # [T, H]
-    expected = linear_attention_over_concatenation(problem, causal=False)[0, :, 0]
-    assert relative_error(queries @ stepped.T, expected) <= tolerance
+    stepped, summed, output, expected = sgd_step_sides(problem, learning_rate)
+    assert relative_error(stepped, summed) <= tolerance
+    assert relative_error(output, expected) <= tolerance
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,11 +384,11 @@ def test_gradients_flow_through_every_function():
                                normal(rng, (2, 3), jnp.float64)),
     }
     for name, (function, argument) in functions.items():
-      gradient = jax.grad(lambda a: jnp.sum(jnp.sin(function(a))))(argument)
+      gradient = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(function(a)))))(argument)
       assert gradient.shape == argument.shape and bool(jnp.all(jnp.isfinite(gradient))), name
     # Finite differences, and a closed form: d/dW of sum(W q) over queries q_t is sum_t 1 q_t^T.
-    check_grads(lambda x: df.dual_form_output(p["query_kernel"], p["key_kernel"], p["value_kernel"], x,
-                                              p["tokens"]), (p["demo_tokens"],), order=2, modes=("rev",))
+    check_grads(jax.jit(lambda x: df.dual_form_output(p["query_kernel"], p["key_kernel"], p["value_kernel"], x,
+                                                      p["tokens"])), (p["demo_tokens"],), order=2, modes=("rev",))
     queries = normal(rng, (1, 4, 1, 3), jnp.float64)
     gradient = jax.grad(lambda w: jnp.sum(df.apply_weight(w, queries)))(jnp.zeros((1, 2, 3)))
     np.testing.assert_allclose(gradient[0], np.ones((2, 1)) * np.asarray(queries).sum(axis=(0, 1, 2))[None],

@@ -70,6 +70,12 @@ def test_momentum_hand_sized():
   np.testing.assert_allclose(out[0, :, 0, 0], [1.5 + 0.5, 2.0 + 1.25], rtol=1e-6)
 
 
+@jax.jit
+def all_momenta(v, eta):
+  return (attention.momentum_values(v, eta), attention.momentum_values_closed_form(v, eta),
+          attention.momentum_values_associative(v, eta))
+
+
 @pytest.mark.parametrize("name", PRECISIONS)
 @HYPOTHESIS
 @given(shape=st.sampled_from(SHAPES), per_head=st.booleans(), seed=st.integers(0, 2**31 - 1))
@@ -78,14 +84,20 @@ def test_scan_matches_closed_form(name, shape, per_head, seed):
     _, _, v = random_inputs(shape, seed, dtype)
     rng = np.random.default_rng(seed + 1)
     eta = jnp.asarray(rng.uniform(0.0, 0.99, shape[3]) if per_head else rng.uniform(0.0, 0.99), dtype)
-    scanned = attention.momentum_values(v, eta)
-    closed = attention.momentum_values_closed_form(v, eta)
-    associative = attention.momentum_values_associative(v, eta)
+    scanned, closed, associative = all_momenta(v, eta)
     assert scanned.dtype == dtype and associative.dtype == dtype
     assert relative_error(scanned, closed) <= tolerance
     assert relative_error(associative, closed) <= tolerance
     if shape[2] > 1:  # with one key every momentum is exactly zero
       assert relative_error(scanned, numpy_momenta(v, eta)) <= tolerance
+
+
+@jax.jit
+def momentum_sides(q, k, v, eta):
+  mask = attention.causal_mask(q.shape[1], k.shape[1])
+  softmax_out = attention.softmax_attention(q, k, v, mask=mask)
+  return (attention.momentum_attention(q, k, v, eta=eta, mask=mask), softmax_out,
+          attention.add_momentum(softmax_out, v, eta, method="associative_scan"))
 
 
 @pytest.mark.parametrize("name", PRECISIONS)
@@ -95,25 +107,26 @@ def test_momentum_attention_adds_momenta_to_each_query_head(name, shape, seed):
   with precision(name) as (dtype, tolerance):
     q, k, v = random_inputs(shape, seed, dtype)
     eta = jnp.asarray(np.random.default_rng(seed + 2).uniform(0.1, 0.9, shape[3]), dtype)
-    mask = attention.causal_mask(shape[1], shape[2])
-    out = attention.momentum_attention(q, k, v, eta=eta, mask=mask)
-    softmax_out = attention.softmax_attention(q, k, v, mask=mask)
-    associative = attention.add_momentum(softmax_out, v, eta, method="associative_scan")
+    out, softmax_out, associative = momentum_sides(q, k, v, eta)
     assert relative_error(associative, out) <= tolerance
     # Query t sits at key index S - T + t; query head n reads kv head n // G.
     momenta = numpy_momenta(v, eta)[:, shape[2] - shape[1]:]
-    expected = np.asarray(attention.softmax_attention(q, k, v, mask=mask), np.float64) + np.repeat(
+    expected = np.asarray(softmax_out, np.float64) + np.repeat(
         momenta, shape[4], axis=2)
     assert relative_error(out, expected) <= tolerance
+
+
+@jax.jit
+def zero_eta_sides(q, k, v):
+  mask = attention.causal_mask(q.shape[1], k.shape[1])
+  return (attention.momentum_attention(q, k, v, eta=0.0, mask=mask), attention.softmax_attention(q, k, v, mask=mask))
 
 
 @HYPOTHESIS
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_zero_eta_is_plain_softmax_attention(shape, seed):
   q, k, v = random_inputs(shape, seed, jnp.float32)
-  mask = attention.causal_mask(shape[1], shape[2])
-  np.testing.assert_array_equal(attention.momentum_attention(q, k, v, eta=0.0, mask=mask),
-                                attention.softmax_attention(q, k, v, mask=mask))
+  np.testing.assert_array_equal(*zero_eta_sides(q, k, v))
 
 
 @pytest.mark.parametrize("name", PRECISIONS)
@@ -139,7 +152,7 @@ def test_gradients_match_closed_form_and_finite_differences():
     np.testing.assert_allclose(gradient, expected, rtol=1e-12)
     for function in (attention.momentum_values, attention.momentum_values_closed_form,
                      attention.momentum_values_associative):
-      check_grads(lambda v, e: function(v, e), (v, jnp.asarray([0.3, 0.7])), order=2, modes=("rev",))
+      check_grads(jax.jit(function), (v, jnp.asarray([0.3, 0.7])), order=2, modes=("rev",))
 
 
 def test_unknown_method_and_missing_eta_raise_one_line_value_errors():

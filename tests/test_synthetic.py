@@ -44,6 +44,18 @@ def test_one_step_hand_sized():
   np.testing.assert_allclose(syn.lsa_predict(weights, tokens), [[5.0]], rtol=1e-6)
 
 
+@functools.partial(jax.jit, static_argnames="sizes")
+def one_step_sides(tokens, learning_rate, initial, sizes):
+  input_size, output_size, context_size = sizes
+  weights = syn.create_weights(input_size, output_size, context_size, learning_rate, initial, tokens.dtype)
+  gd = syn.gradient_descent_predict(tokens, learning_rate, output_size, initial)
+  query = tokens[:, -1, :input_size]
+  start = jnp.zeros_like(gd) if initial is None else query @ initial.T  # W_0 x_q
+  shifted = tokens.at[:, -1, input_size:].set(-start)
+  return (syn.lsa_predict(weights, tokens, output_size), gd, gd - start,
+          syn.lsa_predict(weights, shifted, output_size))
+
+
 @settings(max_examples=10, deadline=None)
 @given(sizes=st.sampled_from([(10, 1, 10), (3, 1, 5), (4, 2, 7), (1, 3, 2)]), learning_rate=st.floats(0.01, 2.0),
        seed=st.integers(0, 2**31 - 1), from_zero=st.booleans())
@@ -54,17 +66,11 @@ def test_constructed_lsa_equals_one_gd_step(sizes, learning_rate, seed, from_zer
     key, weight_key = jax.random.split(jax.random.key(seed))
     batch = syn.sample_regression_tasks(key, 8, config, dtype=jnp.float64)
     initial = None if from_zero else jax.random.normal(weight_key, (output_size, input_size), jnp.float64)
-    weights = syn.create_weights(input_size, output_size, context_size, learning_rate, initial, jnp.float64)
-    lsa = syn.lsa_predict(weights, batch.tokens, output_size)
-    gd = syn.gradient_descent_predict(batch.tokens, learning_rate, output_size, initial)
-    query = batch.tokens[:, -1, :input_size]
+    lsa, gd, gd_update, shifted_lsa = one_step_sides(batch.tokens, learning_rate, initial, sizes)
     # From W_0 the layer writes the GD update (W_1 - W_0) x_q; from W_0 = 0 that is GD's prediction.
-    gd_update = gd if initial is None else gd - query @ initial.T
     assert relative_error(lsa, gd_update) <= 1e-10
-    if initial is not None:
-      # With the query's y-slot started at -W_0 x_q, the read-out is the full prediction W_1 x_q.
-      shifted = batch.tokens.at[:, -1, input_size:].set(-query @ initial.T)
-      assert relative_error(syn.lsa_predict(weights, shifted, output_size), gd) <= 1e-10
+    # With the query's y-slot started at -W_0 x_q, the read-out is the full prediction W_1 x_q.
+    assert relative_error(shifted_lsa, gd) <= 1e-10
 
 
 def test_gd_weight_is_the_closed_form_step():
@@ -81,14 +87,16 @@ def test_alignment_is_one_for_constructed_weights_and_below_for_random():
   with jax.enable_x64(True):
     batch = syn.sample_regression_tasks(jax.random.key(0), 64, dtype=jnp.float64)
     gd = functools.partial(syn.gradient_descent_predict, learning_rate=learning_rate)
+    # One compilation for every set of weights (they are an argument, not a constant).
+    measure = jax.jit(lambda weights, tokens: syn.alignment(functools.partial(syn.lsa_predict, weights), gd, tokens))
     constructed = syn.create_weights(10, 1, 10, learning_rate, dtype=jnp.float64)
-    exact = syn.alignment(functools.partial(syn.lsa_predict, constructed), gd, batch.tokens)
+    exact = measure(constructed, batch.tokens)
     np.testing.assert_allclose(exact.prediction_update_cosine, 1.0, rtol=1e-10)
     np.testing.assert_allclose(exact.sensitivity_cosine, 1.0, rtol=1e-10)
     assert float(exact.prediction_distance) <= 1e-12 and float(exact.sensitivity_distance) <= 1e-12
     for seed in range(2):
       random = syn.random_weights(jax.random.key(100 + seed), 11, dtype=jnp.float64)
-      measures = syn.alignment(functools.partial(syn.lsa_predict, random), gd, batch.tokens)
+      measures = measure(random, batch.tokens)
       assert float(measures.prediction_update_cosine) < 0.9
       assert float(measures.sensitivity_cosine) < 0.9
       assert float(measures.sensitivity_distance) > 0.01
@@ -99,12 +107,13 @@ def test_setting_states_give_unit_update_cosines_for_constructed_weights():
   with jax.enable_x64(True):
     batch = syn.sample_regression_tasks(jax.random.key(1), 32, dtype=jnp.float64)
     constructed = syn.create_weights(10, 1, 10, learning_rate, dtype=jnp.float64)
-    states = syn.setting_states(constructed, batch.tokens, learning_rate)
+    states_of = jax.jit(lambda weights, tokens: syn.setting_states(weights, tokens, learning_rate))
+    states = states_of(constructed, batch.tokens)
     assert states.zero_shot.shape == states.in_context.shape == states.finetuned.shape == (32, 11)
     assert relative_error(states.in_context, states.finetuned) <= 1e-10
     np.testing.assert_allclose(syn.update_cosines(states), 1.0, rtol=1e-10)
     random = syn.random_weights(jax.random.key(7), 11, dtype=jnp.float64)
-    assert float(jnp.mean(syn.update_cosines(syn.setting_states(random, batch.tokens, learning_rate)))) < 0.9
+    assert float(jnp.mean(syn.update_cosines(states_of(random, batch.tokens)))) < 0.9
 
 
 def test_float32_highest_precision_and_jit():

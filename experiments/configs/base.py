@@ -32,6 +32,7 @@ def get_config(task: str = "cb") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = task  # one of sst2, sst5, mr, subj, agnews, cb (PROTOCOL.md §1)
   config.model = "smollm2-135m"  # load_pretrained name: smollm2-135m, random:<config>, a path, a cache name
+  config.trust_pickle = False  # fairseq .pt: allow full unpickling (its omegaconf cfg) of a TRUSTED file (logged)
   config.data_dir = ""  # data folder; empty: $DUALFORM_DATA_DIR, else <project root>/../shared/data
   config.template_index = 0  # template of PROTOCOL.md §2 (0 = the original's)
   config.k = 32  # nominal number of demonstrations (packing may keep fewer: k_eff)

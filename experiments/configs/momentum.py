@@ -117,7 +117,7 @@ def ablation_config() -> ml_collections.ConfigDict:
   ablation.etas = (0.0, 0.05, 0.1, 0.3, 0.5)  # 0.0 is momentum with eta = 0, i.e. the unchanged model
   ablation.ppl_corpus = "wikitext-2-raw"
   ablation.ppl_block_len = 512
-  ablation.ppl_tokens = 4096  # first N tokens of the valid split
+  ablation.ppl_tokens = 2048  # first N tokens of the valid split (4 blocks)
   ablation.ppl_batch_size = 2
   ablation.tasks = ("sst2", "cb")
   ablation.max_examples = 100  # first N evaluated examples (CB has 56)
