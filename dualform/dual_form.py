@@ -216,6 +216,10 @@ def finetune_delta_from_keys_values(keys: Float[Array, "... S K H"], values: Flo
 
   The general form of :func:`finetune_delta`: it holds with biases and with keys after RoPE, because it
   only needs the projected vectors. Shapes as in :func:`meta_gradient`; result [..., K, V, H].
+
+  In a multi-layer model, keys/values taken from each model's own forward pass (e.g. two prefix caches of
+  X) also carry the changes of earlier layers; the paper's layer-local ``dW_FT`` holds the layer input X
+  fixed: project the zero-shot model's layer input with the kernels before and after FT.
   """
   return meta_gradient(finetuned_keys, finetuned_values, mask) - meta_gradient(keys, values, mask)
 

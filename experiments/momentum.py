@@ -287,8 +287,7 @@ def run_study(config, workdir: str | os.PathLike, *, overwrite: bool = False,
       log(f"{prefix}: ppl {ppl_text}; {icl_text}")
   results = aggregate(config, records)
   results.update(environment=environment(), seconds=time.perf_counter() - start, workdir=str(workdir),
-                 token_cache=str(cache), tokenizer=config.icl.tokenizer,
-                 icl_k_eff={task: data.k_eff for task, data in icl_inputs.items()})
+                 token_cache=str(cache), tokenizer=config.icl.tokenizer)
   atomic_write_json(workdir / "results.json", results)
   (workdir / "summary.md").write_text(summary_markdown(config, results))
   plot_study(results, workdir)
@@ -303,13 +302,15 @@ def _param_count(model) -> int:
 
 def aggregate(config, records: list[dict]) -> dict:
   """Per variant: mean and 95% CI over seeds; per momentum variant: paired differences with vanilla."""
-  by_variant: dict[str, list[dict]] = {}
+  by_variant: dict[str, list[dict]] = {variant.name: [] for variant in variants(config)}
   for record in records:
     by_variant.setdefault(record["variant"], []).append(record)
   vanilla = {record["seed"]: record for record in by_variant.get("vanilla", [])}
   tasks = list(config.icl.tasks)
   summary = {}
   for name, runs in by_variant.items():
+    if not runs:
+      continue
     entry = dict(kind=runs[0]["kind"], eta=runs[0]["eta"], learned=runs[0]["learned"],
                  seeds=[run["seed"] for run in runs], param_count=runs[0]["param_count"],
                  final_train_loss=mean_confidence_interval([run["final_train_loss"] for run in runs]),
@@ -334,7 +335,9 @@ def aggregate(config, records: list[dict]) -> dict:
     if runs[0]["learned_eta"] is not None:
       entry["learned_eta_mean_per_layer"] = np.mean([run["learned_eta"] for run in runs], axis=(0, 2)).tolist()
     summary[name] = entry
+  k_eff = {task: {str(run["seed"]): run["icl"][task]["k_eff"] for run in records} for task in tasks}
   return dict(variants=summary, runs=records, seeds=list(config.seeds), eval_lengths=list(config.data.eval_lengths),
+              icl_k_eff=k_eff,
               valid_corpora=list(config.data.valid_corpora), tasks=tasks,
               paper=dict(perplexity_at_1024=dict(vanilla=15.14, momentum=15.02, status="C"),
                          icl_average_6_tasks=dict(vanilla=51.9, momentum=54.7, status="C")))
@@ -467,7 +470,8 @@ def aggregate_files(config, inputs, workdir: str | os.PathLike, *, overwrite: bo
   missing = sorted(wanted - set(records))
   if missing:
     log(f"warning: {len(missing)} (variant, seed) runs missing: {missing}")
-  ordered = [records[key] for key in sorted(records, key=lambda key: (key[1], key[0])) if key in wanted]
+  order = {variant.name: index for index, variant in enumerate(variants(config))}
+  ordered = [records[key] for key in sorted(records, key=lambda key: (key[1], order.get(key[0], -1))) if key in wanted]
   workdir = pathlib.Path(workdir)
   _prepare_workdir(workdir, json.loads(config.to_json_best_effort()), overwrite)
   results = aggregate(config, ordered)

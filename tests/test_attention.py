@@ -211,7 +211,7 @@ def test_gradients_flow_and_match_finite_differences():
       run = lambda q, k, v: attention.attention(q, k, v, kind=kind, mask=mask, eta=0.3)
       gradients = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(run(*a))), argnums=(0, 1, 2)))(q, k, v)
       assert all(bool(jnp.all(jnp.isfinite(g))) for g in gradients), kind
-      check_grads(jax.jit(run), (q, k, v), order=2, modes=("rev",))
+      check_grads(jax.jit(run), (q, k, v), order=1, modes=("rev",))
     pieces = {
         "attention_scores": lambda q: attention.attention_scores(q, k),
         "attention_weights": lambda q: attention.attention_weights(attention.attention_scores(q, k), mask, "softmax"),

@@ -152,7 +152,7 @@ def test_gradients_match_closed_form_and_finite_differences():
     np.testing.assert_allclose(gradient, expected, rtol=1e-12)
     for function in (attention.momentum_values, attention.momentum_values_closed_form,
                      attention.momentum_values_associative):
-      check_grads(jax.jit(function), (v, jnp.asarray([0.3, 0.7])), order=2, modes=("rev",))
+      check_grads(jax.jit(function), (v, jnp.asarray([0.3, 0.7])), order=1, modes=("rev",))
 
 
 def test_unknown_method_and_missing_eta_raise_one_line_value_errors():

@@ -159,3 +159,33 @@ def test_associative_scan_momentum_equals_the_scan(per_head):
     np.testing.assert_allclose(np.asarray(parallel), np.asarray(scanned), rtol=1e-10, atol=1e-12)
   with pytest.raises(ValueError, match="momentum_method"):
     base.replace(momentum_method="fft")
+
+
+def test_confidence_interval_and_paired_aggregation():
+  from experiments import momentum
+  from experiments.configs.momentum import get_config
+  interval = momentum.mean_confidence_interval([1.0, 2.0, 3.0])
+  half = 4.302652729749464 / np.sqrt(3)  # t_{0.975, 2} * s / sqrt(n) with s = 1
+  assert interval["mean"] == 2.0 and interval["std"] == 1.0 and interval["n"] == 3
+  np.testing.assert_allclose([interval["low"], interval["high"]], [2.0 - half, 2.0 + half], rtol=1e-12)
+  assert momentum.mean_confidence_interval([5.0])["low"] is None
+
+  config = get_config("smoke")
+  config.etas = (0.5,)
+  config.learned_eta = False
+
+  def record(variant, seed, perplexity, accuracy):
+    by_length = {str(length): dict(perplexity=perplexity + length) for length in config.data.eval_lengths}
+    return dict(variant=variant, kind="softmax" if variant == "vanilla" else "momentum", eta=None, learned=False,
+                seed=seed, param_count=10, final_train_loss=1.0, learned_eta=None, train_tokens_seen=64,
+                perplexity={name: by_length for name in config.data.valid_corpora},
+                icl={"sst2": dict(icl=accuracy, zsl=50.0, k_eff=4, majority_class=50.0)})
+  records = [record("vanilla", 0, 100.0, 50.0), record("eta0.5", 0, 90.0, 60.0),
+             record("vanilla", 1, 200.0, 52.0), record("eta0.5", 1, 196.0, 58.0)]
+  results = momentum.aggregate(config, records)
+  key = f"{config.data.valid_corpora[0]}@{config.data.eval_lengths[0]}"
+  difference = results["variants"]["eta0.5"]["perplexity_difference_vs_vanilla"][key]
+  assert difference["mean"] == -7.0 and difference["n"] == 2  # paired: (-10, -4), not the unpaired means
+  assert results["variants"]["eta0.5"]["icl_difference_vs_vanilla"]["average"]["mean"] == 8.0
+  assert list(results["variants"]) == ["vanilla", "eta0.5"]
+  assert "| eta0.5 |" in momentum.summary_markdown(config, results)

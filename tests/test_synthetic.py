@@ -57,14 +57,14 @@ def one_step_sides(tokens, learning_rate, initial, sizes):
 
 
 @settings(max_examples=10, deadline=None)
-@given(sizes=st.sampled_from([(10, 1, 10), (3, 1, 5), (4, 2, 7), (1, 3, 2)]), learning_rate=st.floats(0.01, 2.0),
+@given(sizes=st.sampled_from([(10, 1, 10), (4, 2, 7), (1, 3, 2)]), learning_rate=st.floats(0.01, 2.0),
        seed=st.integers(0, 2**31 - 1), from_zero=st.booleans())
 def test_constructed_lsa_equals_one_gd_step(sizes, learning_rate, seed, from_zero):
   input_size, output_size, context_size = sizes
   config = syn.RegressionConfig(input_size=input_size, output_size=output_size, context_size=context_size)
   with jax.enable_x64(True):
     key, weight_key = jax.random.split(jax.random.key(seed))
-    batch = syn.sample_regression_tasks(key, 8, config, dtype=jnp.float64)
+    batch = syn.sample_regression_tasks(key, 16, config, dtype=jnp.float64)
     initial = None if from_zero else jax.random.normal(weight_key, (output_size, input_size), jnp.float64)
     lsa, gd, gd_update, shifted_lsa = one_step_sides(batch.tokens, learning_rate, initial, sizes)
     # From W_0 the layer writes the GD update (W_1 - W_0) x_q; from W_0 = 0 that is GD's prediction.
@@ -75,7 +75,7 @@ def test_constructed_lsa_equals_one_gd_step(sizes, learning_rate, seed, from_zer
 
 def test_gd_weight_is_the_closed_form_step():
   with jax.enable_x64(True):
-    batch = syn.sample_regression_tasks(jax.random.key(3), 5, dtype=jnp.float64)
+    batch = syn.sample_regression_tasks(jax.random.key(3), 32, dtype=jnp.float64)
     inputs, outputs = batch.tokens[:, :-1, :10], batch.tokens[:, :-1, 10:]
     weight = syn.gradient_descent_weight(inputs, outputs, 0.3)
     expected = 0.3 / 10 * jnp.einsum("bco,bci->boi", outputs, inputs)  # -lr dL/dW at W = 0
@@ -85,7 +85,7 @@ def test_gd_weight_is_the_closed_form_step():
 def test_alignment_is_one_for_constructed_weights_and_below_for_random():
   learning_rate = 0.5
   with jax.enable_x64(True):
-    batch = syn.sample_regression_tasks(jax.random.key(0), 64, dtype=jnp.float64)
+    batch = syn.sample_regression_tasks(jax.random.key(0), 32, dtype=jnp.float64)
     gd = functools.partial(syn.gradient_descent_predict, learning_rate=learning_rate)
     # One compilation for every set of weights (they are an argument, not a constant).
     measure = jax.jit(lambda weights, tokens: syn.alignment(functools.partial(syn.lsa_predict, weights), gd, tokens))
@@ -121,9 +121,9 @@ def test_float32_highest_precision_and_jit():
     batch = syn.sample_regression_tasks(jax.random.key(2), 16)
     weights = syn.create_weights(10, 1, 10, 0.1)
     lsa = jax.jit(syn.lsa_predict)(weights, batch.tokens)
-    assert relative_error(lsa, syn.lsa_predict(weights, batch.tokens)) <= 1e-5
-    assert relative_error(lsa, syn.gradient_descent_predict(batch.tokens, 0.1)) <= 1e-5
-    gradient = jax.grad(lambda w: jnp.sum(syn.lsa_predict(w, batch.tokens)))(weights)
+    assert relative_error(lsa, syn.lsa_predict(weights, batch.tokens)) <= 1e-5  # jit == eager
+    assert relative_error(lsa, jax.jit(syn.gradient_descent_predict)(batch.tokens, 0.1)) <= 1e-5
+    gradient = jax.jit(jax.grad(lambda w: jnp.sum(syn.lsa_predict(w, batch.tokens))))(weights)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in gradient)
 
 

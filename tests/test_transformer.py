@@ -435,7 +435,8 @@ def test_prefix_cache_equals_full_forward(family, kind, eta):
   context_length = context.shape[1]
   for row, length in enumerate(lengths):
     sequence = jnp.concatenate([context, continuations[row][None]], axis=1)
-    full = run_forward(model, sequence, record=RECORD_ALL, record_positions=record_positions[row:row + 1] + context_length)
+    full = run_forward(model, sequence, record=RECORD_ALL,
+                       record_positions=record_positions[row:row + 1] + context_length)
     keys = context_length + length
     assert relative_error(cached.logits[row, :length], full.logits[0, context_length:]) <= F32_TOLERANCE
     for layer, (cached_record, full_record) in enumerate(zip(cached.records, full.records)):
