@@ -17,14 +17,14 @@ same demonstrations, the ICL-vs-ICL ceiling of §15.7). Comparisons are data too
 (ICL-like setting, FT-like setting), always against ZSL. The untrained-model control (§15.3) is the config
 field ``model_init="untrained"``; multi-seed runs (§15.6) are ``config.seeds`` (mean ± std in ``aggregate``).
 
-Public names: :class:`Setting`, :data:`SETTINGS`, :data:`COMPARISONS`, :func:`run`, :func:`resolve_runs`,
-:func:`untrained_control`, :func:`default_learning_rate`, :func:`validate_config`, :func:`summary_markdown`.
+Public names: :class:`Setting`, :data:`SETTINGS`, :data:`COMPARISONS`, :func:`run`, :func:`prepare`,
+:func:`plan` (dry run), :func:`resolve_runs`, :func:`setting_names`, :func:`untrained_control`,
+:func:`default_learning_rate`, :func:`validate_config`, :func:`summary_markdown`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -108,6 +109,8 @@ def main(argv):
 
   jax.config.update("jax_threefry_partitionable", True)
   logging.set_verbosity(logging.INFO)
+  # SIGTERM unwinds like an error, so the temporary run folder is removed (nothing half-written remains).
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   from dualform import compare, runs
   from experiments import plot
 

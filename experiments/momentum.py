@@ -347,9 +347,11 @@ def summary_markdown(config, results: dict) -> str:
   """The run's tables as Markdown (also pasted into docs/momentum.md)."""
   lines = [f"# Momentum attention study: {config.name}", ""]
   some_run = results["runs"][0]
+  learned_counts = {run["param_count"] for run in results["runs"] if run["learned"]}
+  learned_note = f"; learned eta: {max(learned_counts):,}" if learned_counts else ""
   lines += [f"Model: {config.model.num_layers} layers, d={config.model.embed_dim}, {config.model.num_heads} heads, "
             f"vocab {config.model.vocab_size} (SmolLM2 tokenizer), {some_run['param_count']:,} parameters "
-            f"(every fixed-eta variant identical). Training: {config.train.steps} steps x "
+            f"(every fixed-eta variant identical{learned_note}). Training: {config.train.steps} steps x "
             f"{config.train.batch_size} x {config.train.seq_len} tokens = {some_run['train_tokens_seen']:,} tokens "
             f"of {config.data.train_corpus}; seeds {list(config.seeds)} (init = data order = demonstrations).",
             "", "Values: mean [95% t-interval] over seeds. Differences are paired with the vanilla model of the "
@@ -362,7 +364,8 @@ def summary_markdown(config, results: dict) -> str:
               "|---|" + "---:|" * (2 * len(lengths))]
     for name, entry in results["variants"].items():
       cells = [_format_interval(entry["perplexity"][f"{corpus_name}@{length}"]) for length in lengths]
-      cells += ["" if name == "vanilla" else _format_interval(entry["perplexity_difference_vs_vanilla"][f"{corpus_name}@{length}"])
+      differences = entry["perplexity_difference_vs_vanilla"]
+      cells += ["" if name == "vanilla" else _format_interval(differences[f"{corpus_name}@{length}"])
                 for length in lengths]
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -382,8 +385,8 @@ def summary_markdown(config, results: dict) -> str:
   learned = {name: entry["learned_eta_mean_per_layer"] for name, entry in results["variants"].items()
              if "learned_eta_mean_per_layer" in entry}
   if learned:
-    lines += ["Learned eta (mean over heads and seeds, per layer): "
-              + "; ".join(f"{name}: " + ", ".join(f"{value:.3f}" for value in values) for name, values in learned.items()), ""]
+    per_variant = [f"{name}: " + ", ".join(f"{value:.3f}" for value in values) for name, values in learned.items()]
+    lines += ["Learned eta (mean over heads and seeds, per layer): " + "; ".join(per_variant), ""]
   lines += ["Paper (PROTOCOL.md §14, 350M models, status C): perplexity at 1024 tokens 15.14 (vanilla) -> 15.02 "
             "(MoAttn); six-task ICL average 51.9 -> 54.7.", ""]
   return "\n".join(lines)
