@@ -115,9 +115,10 @@ def _cell(aggregate: dict, name: str, digits: int) -> str:
 
 def table_markdown(folders: list[str | os.PathLike]) -> str:
   """One row per run folder: N, k_eff, LR, accuracy ZSL/FT/ICL, Rec2FTP (counts), chance Rec2FTP, SimAOU vs
-  random, SimAM vs ZSL-SimAM, SimAM_Δ, Kendall (token, example) vs random, wall time; from results.json."""
-  header = ("| task | N | k_eff | FT lr | ZSL | FT | ICL | Rec2FTP (n/d) | chance | SimAOU | random | SimAM | "
-            "ZSL-SimAM | SimAM_Δ | Kendall tok | random | Kendall ex | random | wall s |")
+  random and shuffled pairing, SimAM vs ZSL-SimAM, SimAM_Δ, Kendall (token: vs random and shuffled; example:
+  vs random), wall time; from results.json."""
+  header = ("| task | N | k_eff | FT lr | ZSL | FT | ICL | Rec2FTP (n/d) | chance | SimAOU | random | shuffled | "
+            "SimAM | ZSL-SimAM | SimAM_Δ | Kendall tok | random | shuffled | Kendall ex | random | wall s |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for folder in folders:
     results = json.loads((pathlib.Path(folder) / "results.json").read_text())
@@ -129,8 +130,8 @@ def table_markdown(folders: list[str | os.PathLike]) -> str:
     cells.append(f"{_cell(aggregate, 'icl_vs_ft/rec2ftp', 1)} ({rec.get('numerator')}/{rec.get('denominator')})")
     cells.append(_cell(aggregate, "icl_vs_ft/chance_rec2ftp", 1))
     cells += [_cell(aggregate, f"icl_vs_ft/{name}", 3) for name in
-              ("simaou", "random_simaou", "simam", "zsl_simam", "simam_delta", "kendall_token",
-               "random_kendall_token", "kendall_example", "random_kendall_example")]
+              ("simaou", "random_simaou", "shuffled/simaou", "simam", "zsl_simam", "simam_delta", "kendall_token",
+               "random_kendall_token", "shuffled/kendall_token", "kendall_example", "random_kendall_example")]
     cells.append(f"{results['timings']['wall_seconds']:.0f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
