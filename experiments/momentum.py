@@ -353,9 +353,13 @@ def summary_markdown(config, results: dict) -> str:
             f"vocab {config.model.vocab_size} (SmolLM2 tokenizer), {some_run['param_count']:,} parameters "
             f"(every fixed-eta variant identical{learned_note}). Training: {config.train.steps} steps x "
             f"{config.train.batch_size} x {config.train.seq_len} tokens = {some_run['train_tokens_seen']:,} tokens "
-            f"of {config.data.train_corpus}; seeds {list(config.seeds)} (init = data order = demonstrations).",
+            f"of {config.data.train_corpus}; seeds {sorted({run['seed'] for run in results['runs']})} "
+            "(init = data order = demonstrations).",
             "", "Values: mean [95% t-interval] over seeds. Differences are paired with the vanilla model of the "
             "same seed (negative perplexity difference = momentum better).", ""]
+  if results.get("missing_runs"):
+    lines += [f"**Incomplete:** {len(results['missing_runs'])} (variant, seed) runs of the config are missing: "
+              f"{results['missing_runs']}.", ""]
   for corpus_name in results["valid_corpora"]:
     lengths = results["eval_lengths"]
     lines += [f"## Held-out perplexity: {corpus_name} (valid)", "",
