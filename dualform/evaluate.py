@@ -6,7 +6,8 @@ the full vocabulary, and ``pred = argmax_j s_j`` (ties to the lowest j).
 
 Fast path: the shared context is encoded once (:meth:`Transformer.encode_prefix`) and the continuations
 ``query_input + [label_0]`` run against that cache in right-padded batches whose length is rounded up to a
-power of two (a handful of shapes per run, so jit traces a handful of times, never once per example).
+power of two or its 1.5x midpoint (a handful of shapes per run, so jit traces a handful of times, never once
+per example).
 Logits are computed only at ``t - 1``. Records (§8) come from the same pass, at ``pred_pos = t - 1`` and
 ``label_pos = t`` (axis ``POSITIONS``):
 
@@ -85,9 +86,15 @@ class EvalResult:
 
 
 def bucket_length(length: int, minimum: int = 16) -> int:
-  """Smallest power of two >= max(length, minimum): the padded length of a batch."""
+  """Padded length of a batch: the smallest of ``minimum * {1, 1.5, 2, 3, 4, 6, ...}`` >= ``length``.
+
+  Powers of two with their 1.5x midpoints waste at most a third of a batch on padding while keeping the
+  number of compiled shapes logarithmic in the longest prompt.
+  """
   size = minimum
   while size < length:
+    if size * 3 // 2 >= length and (size * 3) % 2 == 0:
+      return size * 3 // 2
     size *= 2
   return size
 
@@ -177,7 +184,7 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     label_tokens: per candidate class its label token ids (one id each on the fast path).
     record: which records to keep (requires single-token labels).
     tokens_per_batch: rows per batch = tokens_per_batch // bucket length (rounded to row_multiple).
-    minimum_bucket: smallest padded length; padded lengths are powers of two above it.
+    minimum_bucket: smallest padded length; padded lengths follow :func:`bucket_length`.
     allow_multitoken_labels: score multi-token labels by mean teacher-forced log-prob, one pass per candidate.
     shard_batch: optional function placing a host batch on the mesh (``dualform.sharding.shard_batch``).
     row_multiple: rows per batch are a multiple of this (the data-parallel device count).

@@ -110,5 +110,7 @@ def test_bad_inputs():
     evaluate.evaluate(model, [], [[4]], [[5], []])
 
 
-def test_bucket_lengths_are_powers_of_two():
-  assert [evaluate.bucket_length(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
+def test_bucket_lengths_are_powers_of_two_and_their_midpoints():
+  lengths = (1, 16, 17, 24, 25, 33, 90, 97, 100, 300)
+  assert [evaluate.bucket_length(n) for n in lengths] == [16, 16, 24, 24, 32, 48, 96, 128, 128, 384]
+  assert [evaluate.bucket_length(n, minimum=64) for n in (1, 65, 97)] == [64, 96, 128]

@@ -125,6 +125,29 @@ def _gather_positions(x: Array, positions: Int[Array, "B P"]) -> Array:
   return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _prefix_scores(q: Float[Array, "B T N H"], prefix_k: Float[Array, "1 C K H"],
+                   scale: float | None) -> Float[Array, "B N T C"]:
+  """Scores of every row's queries against one shared prefix's keys (no per-row copy): [B, N, T, C]."""
+  batch, seq, heads, head_dim = q.shape
+  kv_heads = prefix_k.shape[2]
+  scale = head_dim ** -0.5 if scale is None else scale
+  # [batch, seq, kv_heads, group, head_dim]
+  grouped_q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim) * jnp.asarray(scale, q.dtype)
+  # [batch, kv_heads, group, seq, prefix]
+  scores = jnp.einsum("BTKGH,CKH->BKGTC", grouped_q, prefix_k[0])
+  return scores.reshape(batch, heads, seq, prefix_k.shape[1])
+
+
+def _prefix_values(weights: Float[Array, "B N T C"], prefix_v: Float[Array, "1 C K H"]) -> Float[Array, "B T N H"]:
+  """``sum_c weights[t, c] v_c`` over one shared prefix's values: [B, T, N, H]."""
+  batch, heads, seq, prefix = weights.shape
+  kv_heads, head_dim = prefix_v.shape[2], prefix_v.shape[3]
+  grouped = weights.reshape(batch, kv_heads, heads // kv_heads, seq, prefix)
+  # [batch, seq, kv_heads, group, head_dim]
+  out = jnp.einsum("BKGTC,CKH->BTKGH", grouped, prefix_v[0].astype(weights.dtype))
+  return out.reshape(batch, seq, heads, head_dim)
+
+
 def _make_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
   kwargs = dict(epsilon=config.norm_eps, dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype),
                 rngs=rngs)
@@ -175,16 +198,28 @@ class Attention(nnx.Module):
       q = apply_rope(q, positions, cfg.rope_theta)
       k = apply_rope(k, positions, cfg.rope_theta)
     new_kv = (k, v)
-    if prefix is not None:
-      prefix_k, prefix_v = prefix
-      k = jnp.concatenate([jnp.broadcast_to(prefix_k, (batch,) + prefix_k.shape[1:]).astype(k.dtype), k], axis=1)
-      v = jnp.concatenate([jnp.broadcast_to(prefix_v, (batch,) + prefix_v.shape[1:]).astype(v.dtype), v], axis=1)
-    mask = attn_core.causal_mask(seq, k.shape[1])
     scale = None if self.kind != "linear_relaxed" else 1.0
-    # [batch, heads, seq, keys]
-    scores = attn_core.attention_scores(q, k, scale=scale)
-    weights = attn_core.attention_weights(scores, mask, self.kind)
-    out = attn_core.weighted_values(weights, v)
+    shared_prefix = prefix is not None and prefix[0].shape[0] == 1 and self.kind != "momentum"
+    if shared_prefix:
+      # One batch-1 prefix serves every row: score it without copying it per row.
+      prefix_k, prefix_v = (array.astype(k.dtype) for array in prefix)
+      prefix_length = prefix_k.shape[1]
+      # [batch, heads, seq, prefix + seq]
+      scores = jnp.concatenate([_prefix_scores(q, prefix_k, scale), attn_core.attention_scores(q, k, scale=scale)],
+                               axis=-1)
+      weights = attn_core.attention_weights(scores, attn_core.causal_mask(seq, prefix_length + seq), self.kind)
+      out = (_prefix_values(weights[..., :prefix_length], prefix_v)
+             + attn_core.weighted_values(weights[..., prefix_length:], v))
+    else:
+      if prefix is not None:
+        prefix_k, prefix_v = prefix
+        k = jnp.concatenate([jnp.broadcast_to(prefix_k, (batch,) + prefix_k.shape[1:]).astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(prefix_v, (batch,) + prefix_v.shape[1:]).astype(v.dtype), v], axis=1)
+      mask = attn_core.causal_mask(seq, k.shape[1])
+      # [batch, heads, seq, keys]
+      scores = attn_core.attention_scores(q, k, scale=scale)
+      weights = attn_core.attention_weights(scores, mask, self.kind)
+      out = attn_core.weighted_values(weights, v)
     if self.kind == "momentum":
       out = attn_core.add_momentum(out, v, self.momentum_eta(), method=cfg.momentum_method)
     out = self.o_proj(out.astype(x.dtype).reshape(batch, seq, cfg.num_heads * cfg.head_dim))
