@@ -174,6 +174,21 @@ def default_learning_rate(family: str, task: str, table: dict[str, dict[str, flo
     raise ValueError(f"no default learning rate for family {family!r} and task {task!r}; pass --lr") from None
 
 
+def _other_order(pack: Callable[[int], Any], context, perm_id: int, attempts: int = 100):
+  """The packed context of the first ``perm_id' > perm_id`` whose demonstration order differs from ``context``.
+
+  For the ICL-vs-ICL ceiling (§15.7): a seeded permutation can be the identity (1 in k_eff! draws), which would
+  compare ICL with itself and report a ceiling of exactly 1.
+  """
+  if context.k_eff < 2:
+    raise ValueError(f"the ICL-vs-ICL ceiling (icl_perm) needs at least 2 demonstrations; k_eff is {context.k_eff}")
+  for candidate in range(perm_id + 1, perm_id + 1 + attempts):
+    alternative = pack(candidate)
+    if list(alternative.demo_pool_indices) != list(context.demo_pool_indices):
+      return alternative
+  raise ValueError(f"no other demonstration order found in {attempts} permutations; raise k")
+
+
 def untrained_control(model: Transformer, seed: int) -> Transformer:
   """§15.3: keeps token embeddings, every norm and the unembedding; attention and MLP weights get the
   seeded default initialisation. Returns a new model (the input is not modified)."""
@@ -243,7 +258,7 @@ def prepare(config, *, load_pretrained: Callable | None = None) -> _Prepared:
     if context.context_length + max_query_len > model.config.max_len:
       raise ValueError(f"the ICL context ({context.context_length} tokens) plus the longest prompt exceeds "
                        f"the model context ({model.config.max_len}); lower max_len")
-    alternative = pack(perm_id + 1) if "icl_perm" in settings else None
+    alternative = _other_order(pack, context, perm_id) if "icl_perm" in settings else None
     contexts[(seed, perm_id)] = (context, alternative)
   if config.model_init == "untrained":
     model = untrained_control(model, config.untrained_seed)

@@ -151,3 +151,14 @@ def test_records_count_checked_against_context():
   context = packing.pack_context(tokenizer, "cb", pool, seed=3, k=4, max_query_len=40)
   sequences = packing.finetune_sequences(tokenizer, "cb", context)
   assert sequences.num_demo_tokens == len(context.demo_token_positions)
+
+
+def test_icl_ceiling_skips_a_permutation_that_keeps_the_order():
+  """perm_id 1 of seed 3 over 4 demonstrations is the identity; the ceiling must use another order."""
+  import types
+
+  orders = {0: [5, 6, 7, 8], 1: [5, 6, 7, 8], 2: [6, 5, 8, 7]}
+  pack = lambda perm: types.SimpleNamespace(demo_pool_indices=orders[perm], k_eff=4, perm_id=perm)
+  assert compare._other_order(pack, pack(0), 0).perm_id == 2
+  with pytest.raises(ValueError, match="at least 2 demonstrations"):
+    compare._other_order(pack, types.SimpleNamespace(demo_pool_indices=[5], k_eff=1), 0)
