@@ -6,7 +6,6 @@ function is only ~1e-7 accurate in jax 0.10, so it is not used as a float64 refe
 heads, causal masks with a cached prefix (S > T), arbitrary masks, custom scales, jit, and gradients.
 """
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 from dualform import attention
+from numerics import precision, relative_error
 
 PRECISIONS = ("float64", "float32")
 HYPOTHESIS = settings(max_examples=15, deadline=None)
@@ -28,22 +28,6 @@ SHAPES = (
     (1, 3, 4, 2, 1, 5, 5),
     (2, 2, 2, 2, 3, 2, 1),
 )
-
-
-@contextlib.contextmanager
-def precision(name):
-  """Yields (dtype, relative tolerance) with x64 or matmul precision "highest" switched on."""
-  if name == "float64":
-    with jax.enable_x64(True):
-      yield jnp.float64, 1e-10
-  else:
-    with jax.default_matmul_precision("highest"):
-      yield jnp.float32, 1e-5
-
-
-def relative_error(actual, expected):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
 
 
 def numpy_attention(q, k, v, mask=None, scale=None, kind="softmax"):

@@ -4,7 +4,6 @@ Identities run in float64 (relative error <= 1e-10) and in float32 under matmul 
 (<= 1e-5). Relative error is ``max|a - b| / max|b|``.
 """
 
-import contextlib
 import functools
 
 import jax
@@ -17,25 +16,10 @@ from jax.test_util import check_grads
 
 from dualform import attention
 from dualform import dual_form as df
+from numerics import precision, relative_error
 
 PRECISIONS = ("float64", "float32")
 HYPOTHESIS = settings(max_examples=15, deadline=None)
-
-
-@contextlib.contextmanager
-def precision(name):
-  """Yields (dtype, relative tolerance) with x64 or matmul precision "highest" switched on."""
-  if name == "float64":
-    with jax.enable_x64(True):
-      yield jnp.float64, 1e-10
-  else:
-    with jax.default_matmul_precision("highest"):
-      yield jnp.float32, 1e-5
-
-
-def relative_error(actual, expected):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
 
 
 def normal(rng, shape, dtype, scale=1.0):

@@ -5,7 +5,6 @@ against the closed form.
 T of the S keys. float64 at relative error <= 1e-10, float32 under matmul precision "highest" at <= 1e-5.
 """
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -15,27 +14,12 @@ from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 from dualform import attention
+from numerics import precision, relative_error
 
 PRECISIONS = ("float64", "float32")
 HYPOTHESIS = settings(max_examples=15, deadline=None)
 # (batch, queries T, keys S >= T, kv heads K, group G, head dim H)
 SHAPES = ((1, 1, 1, 1, 1, 1), (2, 4, 4, 1, 1, 3), (1, 2, 6, 2, 2, 2), (2, 3, 5, 2, 3, 4), (1, 5, 7, 1, 2, 3))
-
-
-@contextlib.contextmanager
-def precision(name):
-  """Yields (dtype, relative tolerance) with x64 or matmul precision "highest" switched on."""
-  if name == "float64":
-    with jax.enable_x64(True):
-      yield jnp.float64, 1e-10
-  else:
-    with jax.default_matmul_precision("highest"):
-      yield jnp.float32, 1e-5
-
-
-def relative_error(actual, expected):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
 
 
 def random_inputs(shape, seed, dtype):
