@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from compare_fixtures import write_cb
 
@@ -36,10 +37,19 @@ def _label_scores(results: dict) -> dict[str, np.ndarray]:
           for setting in results["settings"]}
 
 
-def test_data_parallel_comparison_equals_single_device(tmp_path):
-  data_dir = write_cb(tmp_path / "data")
-  single = _run_compare(data_dir, tmp_path / "single")
-  sharded = _run_compare(data_dir, tmp_path / "sharded", "--mesh", "data=8", devices=8)
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+  """(data folder, results of the one-device run), shared by the mesh cases."""
+  root = tmp_path_factory.mktemp("compare_single")
+  data_dir = write_cb(root / "data")
+  return data_dir, _run_compare(data_dir, root / "single")
+
+
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,model=4"])
+def test_sharded_comparison_equals_single_device(single_device_run, mesh, tmp_path):
+  """Data parallel over 8 devices, and data x model parallel (weights split over a model axis of 4)."""
+  data_dir, single = single_device_run
+  sharded = _run_compare(data_dir, tmp_path / "sharded", "--mesh", mesh, devices=8)
   assert sharded["environment"]["device_count"] == 8
   assert [example["predictions"] for example in single["examples"]] == \
       [example["predictions"] for example in sharded["examples"]]
