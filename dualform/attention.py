@@ -50,6 +50,8 @@ def _check_shapes(q: Array, k: Array, v: Array | None = None) -> tuple[int, int]
     raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
   if v is not None and (v.shape[:3] != k.shape[:3]):
     raise ValueError(f"k and v must agree in [batch, seq, heads]; got k{k.shape}, v{v.shape}")
+  if k.shape[0] not in (1, q.shape[0]):
+    raise ValueError(f"k batch must be 1 (shared) or equal q's batch {q.shape[0]}; got {k.shape[0]}")
   return num_kv_heads, num_heads // num_kv_heads
 
 
@@ -63,7 +65,10 @@ def causal_mask(num_queries: int, num_keys: int) -> Bool[Array, "T S"]:
 
 def attention_scores(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
                      *, scale: float | None = None) -> Float[Array, "B N T S"]:
-  """Pre-softmax, pre-mask scores ``scale * q_t . k_s`` per query head: [B, N, T, S]."""
+  """Pre-softmax, pre-mask scores ``scale * q_t . k_s`` per query head: [B, N, T, S].
+
+  ``k`` may have batch 1: one shared set of keys (a prefix cache) scored by every row without a copy.
+  """
   num_kv_heads, group = _check_shapes(q, k)
   if scale is None:
     scale = q.shape[-1] ** -0.5
@@ -71,7 +76,10 @@ def attention_scores(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
   # [batch, query_seq, kv_heads, group, head_dim]
   grouped_q = q.reshape(batch, num_queries, num_kv_heads, group, head_dim)
   # [batch, kv_heads, group, query_seq, key_seq]
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", grouped_q * scale, k)
+  if k.shape[0] == batch:
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", grouped_q * scale, k)
+  else:
+    scores = jnp.einsum("BTKGH,SKH->BKGTS", grouped_q * scale, k[0])
   return scores.reshape(batch, num_kv_heads * group, num_queries, k.shape[1])
 
 
@@ -96,14 +104,20 @@ def attention_weights(scores: Float[Array, "B N T S"], mask: Bool[Array, "... T 
 
 
 def weighted_values(weights: Float[Array, "B N T S"], v: Float[Array, "B S K H"]) -> Float[Array, "B T N H"]:
-  """``out_t = sum_s weights[t, s] v_s`` per query head, grouped-query aware: [B, T, N, H]."""
+  """``out_t = sum_s weights[t, s] v_s`` per query head, grouped-query aware: [B, T, N, H].
+
+  ``v`` may have batch 1: one shared set of values (a prefix cache) used by every row without a copy.
+  """
   batch, num_heads, num_queries, num_keys = weights.shape
   num_kv_heads = v.shape[2]
   group = num_heads // num_kv_heads
   # [batch, kv_heads, group, query_seq, key_seq]
   grouped = weights.reshape(batch, num_kv_heads, group, num_queries, num_keys)
   # [batch, query_seq, kv_heads, group, head_dim]
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", grouped, v.astype(weights.dtype))
+  if v.shape[0] == batch:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", grouped, v.astype(weights.dtype))
+  else:
+    out = jnp.einsum("BKGTS,SKH->BTKGH", grouped, v[0].astype(weights.dtype))
   return out.reshape(batch, num_queries, num_heads, v.shape[-1])
 
 

@@ -226,3 +226,20 @@ def test_bad_inputs_raise_one_line_value_errors():
     with pytest.raises(ValueError) as error:
       case()
     assert "\n" not in str(error.value)
+
+
+def test_shared_batch_one_keys_and_values_equal_their_broadcast_copy():
+  """A batch-1 key/value set (a prefix cache) is used by every query row exactly as a per-row copy would be."""
+  with precision("float64") as (dtype, tolerance):
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (3, 4, 6, 5), dtype)
+    k = jax.random.normal(keys[1], (1, 7, 2, 5), dtype)
+    v = jax.random.normal(keys[2], (1, 7, 2, 5), dtype)
+    copies = lambda a: jnp.broadcast_to(a, (3,) + a.shape[1:])
+    scores = attention.attention_scores(q, k)
+    assert relative_error(scores, attention.attention_scores(q, copies(k))) <= tolerance
+    weights = attention.attention_weights(scores, None, "softmax")
+    assert relative_error(attention.weighted_values(weights, v),
+                          attention.weighted_values(weights, copies(v))) <= tolerance
+    with pytest.raises(ValueError, match="k batch must be 1"):
+      attention.attention_scores(q, jnp.concatenate([k, k]))

@@ -125,29 +125,6 @@ def _gather_positions(x: Array, positions: Int[Array, "B P"]) -> Array:
   return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _prefix_scores(q: Float[Array, "B T N H"], prefix_k: Float[Array, "1 C K H"],
-                   scale: float | None) -> Float[Array, "B N T C"]:
-  """Scores of every row's queries against one shared prefix's keys (no per-row copy): [B, N, T, C]."""
-  batch, seq, heads, head_dim = q.shape
-  kv_heads = prefix_k.shape[2]
-  scale = head_dim ** -0.5 if scale is None else scale
-  # [batch, seq, kv_heads, group, head_dim]
-  grouped_q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim) * jnp.asarray(scale, q.dtype)
-  # [batch, kv_heads, group, seq, prefix]
-  scores = jnp.einsum("BTKGH,CKH->BKGTC", grouped_q, prefix_k[0])
-  return scores.reshape(batch, heads, seq, prefix_k.shape[1])
-
-
-def _prefix_values(weights: Float[Array, "B N T C"], prefix_v: Float[Array, "1 C K H"]) -> Float[Array, "B T N H"]:
-  """``sum_c weights[t, c] v_c`` over one shared prefix's values: [B, T, N, H]."""
-  batch, heads, seq, prefix = weights.shape
-  kv_heads, head_dim = prefix_v.shape[2], prefix_v.shape[3]
-  grouped = weights.reshape(batch, kv_heads, heads // kv_heads, seq, prefix)
-  # [batch, seq, kv_heads, group, head_dim]
-  out = jnp.einsum("BKGTC,CKH->BTKGH", grouped, prefix_v[0].astype(weights.dtype))
-  return out.reshape(batch, seq, heads, head_dim)
-
-
 def _make_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
   kwargs = dict(epsilon=config.norm_eps, dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype),
                 rngs=rngs)
@@ -205,10 +182,10 @@ class Attention(nnx.Module):
       prefix_k, prefix_v = (array.astype(k.dtype) for array in prefix)
       prefix_length = prefix_k.shape[1]
       # [batch, heads, seq, prefix + seq]
-      scores = jnp.concatenate([_prefix_scores(q, prefix_k, scale), attn_core.attention_scores(q, k, scale=scale)],
-                               axis=-1)
+      scores = jnp.concatenate([attn_core.attention_scores(q, prefix_k, scale=scale),
+                                attn_core.attention_scores(q, k, scale=scale)], axis=-1)
       weights = attn_core.attention_weights(scores, attn_core.causal_mask(seq, prefix_length + seq), self.kind)
-      out = (_prefix_values(weights[..., :prefix_length], prefix_v)
+      out = (attn_core.weighted_values(weights[..., :prefix_length], prefix_v)
              + attn_core.weighted_values(weights[..., prefix_length:], v))
     else:
       if prefix is not None:
@@ -331,9 +308,8 @@ class Transformer(nnx.Module):
     cfg = self.config
     batch, seq = tokens.shape
     offset = 0 if cache is None else cache.length
-    if not isinstance(offset, int) or offset + seq > cfg.max_len:
-      if isinstance(offset, int):
-        raise ValueError(f"sequence of {offset + seq} tokens exceeds the model context of {cfg.max_len}")
+    if offset + seq > cfg.max_len:
+      raise ValueError(f"sequence of {offset + seq} tokens exceeds the model context of {cfg.max_len}")
     if record is not None and record.any and record_positions is None:
       raise ValueError("record needs record_positions [batch, P] (indices into the token axis)")
     if cache is not None and len(cache.keys) != cfg.num_layers:
