@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from dualform.models import Transformer, abstract_model, get_config, param_count
+from dualform.models import abstract_model, build_model, get_config, param_count
 from dualform.params import flat_params
 
 FLAGS = flags.FLAGS
@@ -96,10 +96,8 @@ def peak_tflops(dtype: str) -> float | None:
 
 
 def build_state(config, seed: int):
-  """(graphdef, state) of a random model created inside jit, directly in ``config.param_dtype``."""
-  graphdef = nnx.graphdef(abstract_model(config))
-  state = jax.jit(lambda: nnx.state(Transformer(config, rngs=nnx.Rngs(seed))))()
-  return graphdef, state
+  """(graphdef, state) of a random model, created directly in ``config.param_dtype``."""
+  return nnx.split(build_model(config, seed))
 
 
 def time_call(function, *args) -> tuple[float, float]:

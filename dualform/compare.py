@@ -287,18 +287,14 @@ class _Evaluator:
       shard = lambda array: sharding.shard_batch(array, self.mesh)
       rows = int(self.mesh.shape.get("data", 1))
     progress = runs.Progress(len(queries), prefix, config.log_every_seconds)
-    # Rows per batch: eval_tokens_per_batch over the padded length, capped by the score budget.
-    heads = model.config.num_heads
-    budget_tokens = config.eval_tokens_per_batch
-    longest = max(len(query) for query in queries) + 1
-    bucket = evaluate_lib.bucket_length(longest, config.eval_minimum_bucket)
-    cap = max(1, config.eval_score_budget // max(1, heads * (len(context) + bucket)))
-    tokens_per_batch = max(bucket, min(budget_tokens, cap))
+    # Rows per batch: eval_tokens_per_batch over the padded length, capped per bucket by the score budget.
     result = evaluate_lib.evaluate(model, context, queries, label_tokens, record=record,
-                                   tokens_per_batch=tokens_per_batch, minimum_bucket=config.eval_minimum_bucket,
+                                   tokens_per_batch=config.eval_tokens_per_batch,
+                                   score_budget=config.eval_score_budget, minimum_bucket=config.eval_minimum_bucket,
                                    pad_id=self.pad_id,
                                    allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
-                                   row_multiple=rows, progress=progress.update)
+                                   row_multiple=rows, fixed_rows=config.eval_fixed_rows,
+                                   progress=progress.update)
     progress.close()
     return result
 

@@ -85,8 +85,10 @@ class EvalResult:
     return float(100.0 * np.mean(self.predictions == np.asarray(gold)))
 
 
-def bucket_length(length: int, minimum: int = 16) -> int:
-  """Padded length of a batch: the smallest of ``minimum * {1, 1.5, 2, 3, 4, 6, ...}`` >= ``length``.
+def bucket_length(length: int, minimum: int = 16, maximum: int | None = None) -> int:
+  """Padded length of a batch: the smallest of ``minimum * {1, 1.5, 2, 3, 4, 6, ...}`` >= ``length``,
+  capped at ``maximum`` (the room left in the model's context after the shared prefix) when given and
+  ``length`` fits (a longer sequence keeps its bucket: the model then reports it as too long).
 
   Powers of two with their 1.5x midpoints waste at most a third of a batch on padding while keeping the
   number of compiled shapes logarithmic in the longest prompt.
@@ -94,9 +96,10 @@ def bucket_length(length: int, minimum: int = 16) -> int:
   size = minimum
   while size < length:
     if size * 3 // 2 >= length and (size * 3) % 2 == 0:
-      return size * 3 // 2
+      size = size * 3 // 2
+      break
     size *= 2
-  return size
+  return size if maximum is None or length > maximum else min(size, maximum)
 
 
 def _single_label_ids(label_tokens: Sequence[Sequence[int]]) -> tuple[bool, np.ndarray | None]:
@@ -105,6 +108,12 @@ def _single_label_ids(label_tokens: Sequence[Sequence[int]]) -> tuple[bool, np.n
     raise ValueError("every label needs at least one token; check the label words and the tokenizer")
   single = all(len(tokens) == 1 for tokens in label_tokens)
   return single, (np.asarray([tokens[0] for tokens in label_tokens], np.int32) if single else None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_prefix(graphdef, state, tokens) -> KVCache:
+  """Jitted :meth:`Transformer.encode_prefix` of one context [1, C] (one compile per context length)."""
+  return nnx.merge(graphdef, state).encode_prefix(tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "record"))
@@ -147,14 +156,25 @@ def _token_log_probs(graphdef, state, cache: KVCache | None, tokens):
   return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-def _batches(lengths: np.ndarray, tokens_per_batch: int, row_multiple: int, minimum_bucket: int):
-  """Groups example indices by bucket length: yields (bucket, rows, indices) with len(indices) <= rows."""
-  buckets = np.asarray([bucket_length(int(n), minimum_bucket) for n in lengths])
+def _batches(lengths: np.ndarray, tokens_per_batch: int, row_multiple: int, bucketing: Callable[[int], int],
+             fixed_rows: bool = False, scores_per_row: Callable[[int], int] | None = None,
+             score_budget: int | None = None):
+  """Groups example indices by bucket length: yields (bucket, rows, indices) with len(indices) <= rows.
+
+  Rows are ``tokens_per_batch // bucket``, at most ``score_budget // scores_per_row(bucket)`` when given
+  (so a bucket's rows do not depend on the other buckets, and shapes repeat across tasks). Unless
+  ``fixed_rows``, a bucket with fewer examples gets fewer rows (less padding, but one more compiled shape
+  per distinct row count).
+  """
+  buckets = np.asarray([bucketing(int(n)) for n in lengths])
   for bucket in sorted(set(buckets.tolist())):
     indices = np.flatnonzero(buckets == bucket)
     rows = max(1, tokens_per_batch // bucket)
+    if score_budget is not None:
+      rows = max(1, min(rows, score_budget // scores_per_row(bucket)))
     rows = max(row_multiple, rows // row_multiple * row_multiple)
-    rows = min(rows, -(-len(indices) // row_multiple) * row_multiple)
+    if not fixed_rows:
+      rows = min(rows, -(-len(indices) // row_multiple) * row_multiple)
     for start in range(0, len(indices), rows):
       yield bucket, rows, indices[start:start + rows]
 
@@ -172,9 +192,10 @@ def _pad_rows(sequences: list[Sequence[int]], bucket: int, rows: int, pad_id: in
 
 def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
              label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
-             tokens_per_batch: int = 4096, minimum_bucket: int = 16, pad_id: int = 0,
+             tokens_per_batch: int = 4096, score_budget: int | None = None, minimum_bucket: int = 16,
+             pad_id: int = 0,
              allow_multitoken_labels: bool = False, shard_batch: Callable | None = None, row_multiple: int = 1,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
+             fixed_rows: bool = False, progress: Callable[[int], None] | None = None) -> EvalResult:
   """Scores every query after one shared context (PROTOCOL.md §5), with records from the same pass.
 
   Args:
@@ -184,10 +205,13 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     label_tokens: per candidate class its label token ids (one id each on the fast path).
     record: which records to keep (requires single-token labels).
     tokens_per_batch: rows per batch = tokens_per_batch // bucket length (rounded to row_multiple).
-    minimum_bucket: smallest padded length; padded lengths follow :func:`bucket_length`.
+    score_budget: cap on rows * heads * T * (C + T) attention scores per batch (T the bucket length).
+    minimum_bucket: smallest padded length; padded lengths follow :func:`bucket_length`, capped at the
+      model context left after ``context``.
     allow_multitoken_labels: score multi-token labels by mean teacher-forced log-prob, one pass per candidate.
     shard_batch: optional function placing a host batch on the mesh (``dualform.sharding.shard_batch``).
     row_multiple: rows per batch are a multiple of this (the data-parallel device count).
+    fixed_rows: pad every batch of a bucket to the full rows (one compiled shape per bucket; GPU).
     progress: called with the number of examples finished (read back) after each batch.
   """
   start = time.perf_counter()
@@ -202,22 +226,28 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     raise ValueError("an empty query input; every example needs at least one prompt token")
   graphdef, state = nnx.split(model)
   context = list(context)
-  cache = model.encode_prefix(jnp.asarray([context], jnp.int32)) if context else None
+  cache = _encode_prefix(graphdef, state, jnp.asarray([context], jnp.int32)) if context else None
   place = shard_batch or (lambda array: jnp.asarray(array))
+  room = model.config.max_len - len(context)  # positions left for a query after the shared context
+  heads = model.config.num_heads
+  batching = functools.partial(_batches, tokens_per_batch=tokens_per_batch, row_multiple=row_multiple,
+                               bucketing=functools.partial(bucket_length, minimum=minimum_bucket, maximum=room),
+                               fixed_rows=fixed_rows, score_budget=score_budget,
+                               scores_per_row=lambda bucket: heads * bucket * (len(context) + bucket))
   if single:
     sequences = [list(query) + [int(label_ids[0])] for query in query_inputs]
-    result = _evaluate_single(graphdef, state, cache, sequences, label_ids, record, tokens_per_batch,
-                              minimum_bucket, pad_id, place, row_multiple, progress)
+    result = _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
+                              progress)
   else:
-    result = _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, tokens_per_batch,
-                                  minimum_bucket, pad_id, place, row_multiple, progress)
+    result = _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, batching, pad_id, place,
+                                  progress)
   result.context_length = len(context)
   result.seconds = time.perf_counter() - start
   return result
 
 
-def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, tokens_per_batch, minimum_bucket,
-                     pad_id, place, row_multiple, progress) -> EvalResult:
+def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
+                     progress) -> EvalResult:
   lengths = np.asarray([len(sequence) for sequence in sequences])
   count, query_max = len(sequences), int(lengths.max())
   label_ids_device = jnp.asarray(label_ids)
@@ -236,7 +266,7 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, token
         collected[name] = np.zeros((count,) + value.shape[1:], np.float32)
       collected[name][indices] = value
 
-  for bucket, rows, indices in _batches(lengths, tokens_per_batch, row_multiple, minimum_bucket):
+  for bucket, rows, indices in batching(lengths):
     tokens, batch_lengths = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
     outputs = _score_batch(graphdef, state, cache, place(tokens), place(batch_lengths), label_ids_device,
                            record=record)  # dispatched asynchronously
@@ -261,8 +291,8 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, token
                     query_lengths=lengths, context_length=0, records=collected, traces=len(shapes))
 
 
-def _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, tokens_per_batch, minimum_bucket,
-                         pad_id, place, row_multiple, progress) -> EvalResult:
+def _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, batching, pad_id, place,
+                         progress) -> EvalResult:
   """Mean teacher-forced log-prob of each candidate's tokens, one batched pass per candidate."""
   count = len(query_inputs)
   label_scores = np.zeros((count, len(label_tokens)), np.float32)
@@ -270,7 +300,7 @@ def _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, tok
   for candidate, label in enumerate(label_tokens):
     sequences = [list(query) + list(label) for query in query_inputs]
     lengths = np.asarray([len(sequence) for sequence in sequences])
-    for bucket, rows, indices in _batches(lengths, tokens_per_batch, row_multiple, minimum_bucket):
+    for bucket, rows, indices in batching(lengths):
       tokens, _ = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
       log_probs = np.asarray(_token_log_probs(graphdef, state, cache, place(tokens)))[:len(indices)]
       shapes.add((bucket, rows))

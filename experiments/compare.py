@@ -55,13 +55,15 @@ flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one
 flags.DEFINE_integer("eval_tokens_per_batch", None, "evaluation batch size in padded tokens (default 4096)")
 flags.DEFINE_integer("eval_score_budget", None, "cap on rows * heads * T * (C + T) score elements per batch")
 flags.DEFINE_integer("eval_minimum_bucket", None, "smallest padded query length (default 16; GPU: 512 = fewer shapes)")
+flags.DEFINE_bool("eval_fixed_rows", None, "pad every evaluation batch to full rows (GPU: fewer compiled shapes)")
 flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
 _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "lr_heldout_examples",
               "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
-              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "ft_bucket_multiple", "trust_pickle")
+              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "eval_fixed_rows",
+              "ft_bucket_multiple", "trust_pickle")
 
 
 def _model_slug(model: str) -> str:

@@ -173,15 +173,16 @@ def prepare_icl(tokenizer, tasks, seeds, *, max_examples: int, k: int, max_len: 
   return prepared
 
 
-def icl_scores(model, inputs: dict[str, IclInputs], seed: int, *, tokens_per_batch: int) -> dict[str, dict]:
+def icl_scores(model, inputs: dict[str, IclInputs], seed: int, *, tokens_per_batch: int,
+               minimum_bucket: int = 16) -> dict[str, dict]:
   """ICL and ZSL accuracy (%) per task for one model, demonstrations of ``seed``."""
   from dualform import evaluate
   scores = {}
+  batching = dict(tokens_per_batch=tokens_per_batch, minimum_bucket=minimum_bucket)
   for task, data in inputs.items():
-    zero_shot = evaluate.evaluate(model, data.zero_shot_context, data.query_inputs, data.label_tokens,
-                                  tokens_per_batch=tokens_per_batch)
+    zero_shot = evaluate.evaluate(model, data.zero_shot_context, data.query_inputs, data.label_tokens, **batching)
     in_context = evaluate.evaluate(model, data.icl_contexts[seed], data.query_inputs, data.label_tokens,
-                                   tokens_per_batch=tokens_per_batch)
+                                   **batching)
     scores[task] = dict(icl=in_context.accuracy(data.gold), zsl=zero_shot.accuracy(data.gold),
                         k_eff=data.k_eff[seed], context_length=len(data.icl_contexts[seed]),
                         examples=int(len(data.gold)), majority_class=data.chance,
@@ -270,7 +271,8 @@ def run_study(config, workdir: str | os.PathLike, *, overwrite: bool = False,
         perplexity[name] = {str(length): pretrain.evaluate_perplexity(
             model, tokens, int(length), max_tokens=config.data.eval_tokens,
             batch_size=config.data.eval_batch_size) for length in config.data.eval_lengths}
-      icl = icl_scores(model, icl_inputs, int(seed), tokens_per_batch=config.icl.tokens_per_batch) if icl_inputs else {}
+      icl = icl_scores(model, icl_inputs, int(seed), tokens_per_batch=config.icl.tokens_per_batch,
+                       minimum_bucket=config.icl.minimum_bucket) if icl_inputs else {}
       metrics = [json.loads(line) for line in (run_dir / pretrain.METRICS_FILE).read_text().splitlines()]
       record = dict(variant=variant.name, kind=variant.kind, eta=variant.eta, learned=variant.learned,
                     seed=int(seed), steps=train_config.steps, param_count=_param_count(model),

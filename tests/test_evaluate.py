@@ -114,3 +114,60 @@ def test_bucket_lengths_are_powers_of_two_and_their_midpoints():
   lengths = (1, 16, 17, 24, 25, 33, 90, 97, 100, 300)
   assert [evaluate.bucket_length(n) for n in lengths] == [16, 16, 24, 24, 32, 48, 96, 128, 128, 384]
   assert [evaluate.bucket_length(n, minimum=64) for n in (1, 65, 97)] == [64, 96, 128]
+
+
+def test_buckets_are_capped_at_the_room_left_in_the_context():
+  assert evaluate.bucket_length(300, minimum=64, maximum=314) == 314  # the ladder's 384 would not fit
+  assert evaluate.bucket_length(65, minimum=64, maximum=314) == 96
+  assert evaluate.bucket_length(400, minimum=64, maximum=314) == 512  # too long: left for the model to reject
+
+
+@pytest.mark.parametrize("family", ["llama", "fairseq_dense"])
+def test_queries_that_fill_the_context_are_not_padded_past_it(family):
+  """Context + longest query = max_len exactly, so the bucket ladder's next size would overflow."""
+  config = tiny_config(family)
+  model = build_model(config, seed=4)
+  rng = np.random.default_rng(5)
+  context = rng.integers(3, 128, size=config.max_len - 40).tolist()
+  queries = [rng.integers(3, 128, size=n).tolist() for n in (39, 20, 3)]  # 39 + label = 40 positions
+  labels = [[5], [9]]
+  with jax.default_matmul_precision("highest"):
+    fast = evaluate.evaluate(model, context, queries, labels, minimum_bucket=32)
+    slow = evaluate.evaluate_full_sequences(model, context, queries, labels)
+  assert _relative_error(fast.label_scores, slow.label_scores) <= 1e-5
+  np.testing.assert_array_equal(fast.predictions, slow.predictions)
+
+
+def test_fixed_rows_and_score_budget_change_batching_not_results():
+  model = build_model(tiny_config("llama"), seed=6)
+  context, queries = _inputs(seed=7, count=23)
+  labels = [[5], [9], [17]]
+  with jax.default_matmul_precision("highest"):
+    plain = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128)
+    fixed = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128,
+                              fixed_rows=True)
+    budget = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128,
+                               score_budget=model.config.num_heads * 16 * (len(context) + 16) * 3)
+  buckets = {evaluate.bucket_length(len(q) + 1) for q in queries}
+  assert fixed.traces == len(buckets)  # one batch shape per bucket, whatever the bucket's example count
+  np.testing.assert_array_equal(fixed.predictions, plain.predictions)
+  np.testing.assert_array_equal(budget.predictions, plain.predictions)
+  for other in (fixed, budget):
+    assert _relative_error(other.label_scores, plain.label_scores) <= 1e-5
+    for name in plain.records:
+      assert _relative_error(other.records[name], plain.records[name]) <= 1e-5, name
+
+
+def test_rows_per_bucket_follow_the_token_and_score_budgets():
+  lengths = np.asarray([10] * 9 + [40] * 3)
+  bucketing = lambda n: evaluate.bucket_length(n, minimum=16)
+  plain = list(evaluate._batches(lengths, 64, 1, bucketing))  # pylint: disable=protected-access
+  assert [(bucket, rows, len(indices)) for bucket, rows, indices in plain] == [(16, 4, 4), (16, 4, 4),
+                                                                               (16, 4, 1), (48, 1, 1),
+                                                                               (48, 1, 1), (48, 1, 1)]
+  fixed = list(evaluate._batches(lengths, 128, 1, bucketing, fixed_rows=True))  # pylint: disable=protected-access
+  assert [(bucket, rows) for bucket, rows, _ in fixed] == [(16, 8), (16, 8), (48, 2), (48, 2)]
+  capped = list(evaluate._batches(lengths, 128, 1, bucketing, scores_per_row=lambda bucket: bucket * 10,
+                                  score_budget=480))  # pylint: disable=protected-access
+  assert [(bucket, rows) for bucket, rows, _ in capped][:1] == [(16, 3)]
+  assert {rows for bucket, rows, _ in capped if bucket == 48} == {1}

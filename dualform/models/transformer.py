@@ -360,7 +360,11 @@ def param_count(model_or_state) -> int:
 
 
 def build_model(config: TransformerConfig, seed: int = 0) -> Transformer:
-  """A randomly initialised model (normal(0.02) kernels and embeddings, unit norms)."""
+  """A randomly initialised model (normal(0.02) kernels and embeddings, unit norms), in ``config.param_dtype``.
+
+  Initialised eagerly, op by op: a jitted init has no array arguments, so XLA constant-folds the whole
+  random initialisation on the host (8 minutes for SmolLM2-135M on an H200; 18 s against 2 s eager on CPU).
+  """
   return Transformer(config, rngs=nnx.Rngs(seed))
 
 
