@@ -23,7 +23,8 @@ the key indices before it. It is computed in O(S) with ``jax.lax.scan`` through 
 
 The pieces (:func:`attention_scores`, :func:`attention_weights`, :func:`weighted_values`,
 :func:`momentum_values`) are public so that models can record intermediates without a second code path;
-:func:`attention` composes them.
+:func:`attention` composes them. :func:`prefix_attention` is the same causal attention for a batch of
+continuations of one shared (cached) prefix, without materialising the full score tensor.
 """
 
 from __future__ import annotations
@@ -119,6 +120,63 @@ def weighted_values(weights: Float[Array, "B N T S"], v: Float[Array, "B S K H"]
   else:
     out = jnp.einsum("BKGTS,SKH->BTKGH", grouped, v[0].astype(weights.dtype))
   return out.reshape(batch, num_queries, num_heads, v.shape[-1])
+
+
+def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"],
+                     prefix_k: Float[Array, "1 C K H"], prefix_v: Float[Array, "1 C K H"], *,
+                     kind: AttentionKind = "softmax", scale: float | None = None) -> Float[Array, "B T N H"]:
+  """Causal attention of B rows of T new tokens over one shared prefix of C tokens and over themselves.
+
+  Equals ``attention(q, [prefix_k; k], [prefix_v; v], mask=causal_mask(T, C + T), kind=kind)`` with the
+  prefix broadcast to every row (softmax or ``linear_relaxed``; momentum needs the row's values in order,
+  so it is not offered), without building the [B, N, T, C + T] score tensor: the prefix scores are one
+  matrix product per key/value head, [K, B*T*G, H] x [C, K, H] -> [K, B*T*G, C], in the layout the
+  product produces, and the softmax is split over the two key blocks:
+
+    m_t = max(max_s a_ts, max_{j<=t} b_tj),   out_t = (sum_s e^{a_ts - m_t} pv_s + sum_{j<=t} e^{b_tj - m_t} v_j)
+                                                       / (sum_s e^{a_ts - m_t} + sum_{j<=t} e^{b_tj - m_t})
+
+  (a: prefix scores, b: scores over the new tokens). Computed in at least float32; returns q's dtype.
+  """
+  if kind not in ("softmax", "linear_relaxed"):
+    raise ValueError(f"prefix_attention supports softmax and linear_relaxed, not {kind!r}")
+  num_kv_heads, group = _check_shapes(q, k, v)
+  if prefix_k.shape[0] != 1 or prefix_k.shape[2:] != k.shape[2:] or prefix_v.shape != prefix_k.shape:
+    raise ValueError(f"prefix keys/values must be [1, C, {k.shape[2]}, {k.shape[3]}]; got "
+                     f"{prefix_k.shape} and {prefix_v.shape}")
+  batch, seq, num_heads, head_dim = q.shape
+  if scale is None:
+    scale = head_dim ** -0.5
+  dtype = jnp.promote_types(q.dtype, jnp.float32)
+  # [K, M, H] with M = (batch, seq, group): every query of one key/value head in one matrix.
+  rows = jnp.transpose(q.reshape(batch, seq, num_kv_heads, group, head_dim), (2, 0, 1, 3, 4))
+  rows = (rows.reshape(num_kv_heads, batch * seq * group, head_dim) * scale).astype(dtype)
+  prefix_scores = jnp.einsum("KMH,CKH->KMC", rows, prefix_k[0].astype(dtype))  # [K, M, C]
+  own_scores = attention_scores(q.astype(dtype), k.astype(dtype), scale=scale)  # [B, N, T, T]
+  mask = causal_mask(seq, seq)
+
+  def to_rows(x):  # [B, N, T] -> [K, M, 1]
+    x = jnp.transpose(x.reshape(batch, num_kv_heads, group, seq), (1, 0, 3, 2))
+    return x.reshape(num_kv_heads, batch * seq * group, 1)
+
+  def from_rows(x):  # [K, M, H] -> [B, T, N, H]
+    x = jnp.transpose(x.reshape(num_kv_heads, batch, seq, group, -1), (1, 2, 0, 3, 4))
+    return x.reshape(batch, seq, num_heads, -1)
+
+  if kind == "linear_relaxed":
+    prefix_weights, own_weights, norm = prefix_scores, jnp.where(mask, own_scores, 0.0), None
+  else:
+    own_logits = jnp.where(mask, own_scores, jnp.finfo(dtype).min)
+    top = jnp.maximum(to_rows(own_logits.max(axis=-1)), prefix_scores.max(axis=-1, keepdims=True))  # [K, M, 1]
+    prefix_weights = jnp.exp(prefix_scores - top)
+    own_top = from_rows(top)[..., 0]  # [B, T, N]
+    own_weights = jnp.exp(own_logits - jnp.transpose(own_top, (0, 2, 1))[..., None])
+    norm = from_rows(prefix_weights.sum(axis=-1, keepdims=True)) + jnp.swapaxes(own_weights.sum(-1), 1, 2)[..., None]
+  out = from_rows(jnp.einsum("KMC,CKH->KMH", prefix_weights, prefix_v[0].astype(dtype)))
+  out = out + weighted_values(own_weights, v.astype(dtype))
+  if norm is not None:
+    out = out / norm
+  return out.astype(q.dtype)
 
 
 def momentum_values(v: Float[Array, "B S K H"], eta: float | Array) -> Float[Array, "B S K H"]:

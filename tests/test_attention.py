@@ -243,3 +243,35 @@ def test_shared_batch_one_keys_and_values_equal_their_broadcast_copy():
                           attention.weighted_values(weights, copies(v))) <= tolerance
     with pytest.raises(ValueError, match="k batch must be 1"):
       attention.attention_scores(q, jnp.concatenate([k, k]))
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("kind", ["softmax", "linear_relaxed"])
+@HYPOTHESIS
+@given(batch=st.integers(1, 3), seq=st.integers(1, 5), prefix=st.integers(1, 9), kv_heads=st.integers(1, 3),
+       group=st.integers(1, 3), head_dim=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_prefix_attention_equals_attention_over_the_concatenated_keys(name, kind, batch, seq, prefix, kv_heads,
+                                                                       group, head_dim, seed):
+  """Split-softmax attention over [shared prefix; own tokens] = causal attention over the concatenation."""
+  with precision(name) as (dtype, tolerance):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(3 * rng.standard_normal(shape), dtype)  # spread scores: a real max
+    q, k, v = normal(batch, seq, kv_heads * group, head_dim), normal(batch, seq, kv_heads, head_dim), \
+        normal(batch, seq, kv_heads, head_dim)
+    prefix_k, prefix_v = normal(1, prefix, kv_heads, head_dim), normal(1, prefix, kv_heads, head_dim)
+    scale = 1.0 if kind == "linear_relaxed" else None
+    actual = jax.jit(attention.prefix_attention, static_argnames=("kind", "scale"))(
+        q, k, v, prefix_k, prefix_v, kind=kind, scale=scale)
+    full_k = jnp.concatenate([jnp.broadcast_to(prefix_k, (batch,) + prefix_k.shape[1:]), k], axis=1)
+    full_v = jnp.concatenate([jnp.broadcast_to(prefix_v, (batch,) + prefix_v.shape[1:]), v], axis=1)
+    mask = attention.causal_mask(seq, prefix + seq)
+    assert actual.dtype == dtype and actual.shape == q.shape
+    assert relative_error(actual, numpy_attention(q, full_k, full_v, mask, scale, kind)) <= tolerance
+
+
+def test_prefix_attention_rejects_momentum_and_bad_prefixes():
+  q, k, v = (jnp.ones((2, 3, 4, 5)), jnp.ones((2, 3, 2, 5)), jnp.ones((2, 3, 2, 5)))
+  with pytest.raises(ValueError, match="not 'momentum'"):
+    attention.prefix_attention(q, k, v, k[:1], v[:1], kind="momentum")
+  with pytest.raises(ValueError, match=r"prefix keys/values must be \[1, C, 2, 5\]"):
+    attention.prefix_attention(q, k, v, k, v)

@@ -177,16 +177,19 @@ class Attention(nnx.Module):
     new_kv = (k, v)
     scale = None if self.kind != "linear_relaxed" else 1.0
     shared_prefix = prefix is not None and prefix[0].shape[0] == 1 and self.kind != "momentum"
+    wants_scores = record is not None and (record.scores or record.weights)
     if shared_prefix:
-      # One batch-1 prefix serves every row: score it without copying it per row.
+      # One batch-1 prefix serves every row: no per-row copy and no [batch, heads, seq, prefix + seq] tensor.
       prefix_k, prefix_v = (array.astype(k.dtype) for array in prefix)
-      prefix_length = prefix_k.shape[1]
-      # [batch, heads, seq, prefix + seq]
-      scores = jnp.concatenate([attn_core.attention_scores(q, prefix_k, scale=scale),
-                                attn_core.attention_scores(q, k, scale=scale)], axis=-1)
-      weights = attn_core.attention_weights(scores, attn_core.causal_mask(seq, prefix_length + seq), self.kind)
-      out = (attn_core.weighted_values(weights[..., :prefix_length], prefix_v)
-             + attn_core.weighted_values(weights[..., prefix_length:], v))
+      out = attn_core.prefix_attention(q, k, v, prefix_k, prefix_v, kind=self.kind, scale=scale)
+      if wants_scores:
+        # Only the recorded rows of the score matrix: [batch, heads, P, prefix + seq].
+        picked_q = _gather_positions(q, record_positions)
+        scores = jnp.concatenate([attn_core.attention_scores(picked_q, prefix_k, scale=scale),
+                                  attn_core.attention_scores(picked_q, k, scale=scale)], axis=-1)
+        visible = jnp.concatenate([jnp.ones(record_positions.shape + (prefix_k.shape[1],), bool),
+                                   jnp.arange(seq) <= record_positions[..., None]], axis=-1)  # [batch, P, keys]
+        weights = attn_core.attention_weights(scores, visible, self.kind)
     else:
       if prefix is not None:
         prefix_k, prefix_v = prefix
@@ -205,9 +208,10 @@ class Attention(nnx.Module):
     if record is not None and record.any:
       if record.attn_out:
         records["attn_out"] = _gather_positions(out, record_positions)
-      if record.scores or record.weights:
-        # [batch, P, heads, keys]
-        picked = lambda a: _gather_positions(jnp.swapaxes(a, 1, 2), record_positions)
+      if wants_scores:
+        # [batch, P, heads, keys] (the shared-prefix path computed only the recorded rows)
+        picked = ((lambda a: jnp.swapaxes(a, 1, 2)) if shared_prefix
+                  else (lambda a: _gather_positions(jnp.swapaxes(a, 1, 2), record_positions)))
         if record.scores:
           records["scores"] = picked(scores if scale is None else scores * cfg.head_dim ** -0.5)
         if record.weights:
