@@ -846,15 +846,22 @@ def plan(config) -> dict:
     dry.model_init = "pretrained"
   prepared = prepare(dry, load_pretrained=_abstract_loader)
   lengths = [len(query.input_ids) + 1 for query in prepared.queries]
-  buckets = sorted({evaluate_lib.bucket_length(length, config.eval_minimum_bucket) for length in lengths})
+  max_len = prepared.model.config.max_len
+
+  def buckets(context_length: int) -> list[int]:
+    """Padded query lengths the evaluation will compile after a context of this many tokens."""
+    return sorted({evaluate_lib.bucket_length(length, config.eval_minimum_bucket, maximum=max_len - context_length)
+                   for length in lengths})
+
   return {
       "task": config.task, "model": config.model, "model_init": config.model_init,
       "parameters": param_count(prepared.model), "settings": prepared.settings,
       "runs": [{"seed": seed, "perm_id": perm_id, "k_eff": context.k_eff,
                 "context_length": context.context_length,
-                "ft_sequences": context.k_eff, "demo_tokens": len(context.demo_token_positions)}
+                "ft_sequences": context.k_eff, "demo_tokens": len(context.demo_token_positions),
+                "icl_bucket_lengths": buckets(context.context_length)}
                for (seed, perm_id), (context, _) in prepared.contexts.items()],
       "num_examples": len(prepared.queries), "max_query_len": prepared.max_query_len,
-      "single_token_labels": prepared.single_token, "bucket_lengths": buckets,
+      "single_token_labels": prepared.single_token, "bucket_lengths": buckets(0),
       "separator_id": prepared.tokenizer.separator_id, "bos_id": prepared.tokenizer.bos_id,
   }

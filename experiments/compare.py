@@ -54,7 +54,7 @@ flags.DEFINE_string("matmul_precision", None, "jax matmul precision during the r
 flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one device)")
 flags.DEFINE_integer("eval_tokens_per_batch", None, "evaluation batch size in padded tokens (default 4096)")
 flags.DEFINE_integer("eval_score_budget", None, "cap on rows * heads * T * (C + T) score elements per batch")
-flags.DEFINE_integer("eval_minimum_bucket", None, "smallest padded query length (default 16; GPU: 512 = fewer shapes)")
+flags.DEFINE_integer("eval_minimum_bucket", None, "smallest padded query length (default 16; larger on GPUs: fewer compiled shapes)")
 flags.DEFINE_bool("eval_fixed_rows", None, "pad every evaluation batch to full rows (GPU: fewer compiled shapes)")
 flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")

@@ -162,3 +162,15 @@ def test_icl_ceiling_skips_a_permutation_that_keeps_the_order():
   assert compare._other_order(pack, pack(0), 0).perm_id == 2
   with pytest.raises(ValueError, match="at least 2 demonstrations"):
     compare._other_order(pack, types.SimpleNamespace(demo_pool_indices=[5], k_eff=1), 0)
+
+
+
+def test_dry_run_plan_reports_the_buckets_each_context_leaves_room_for(tmp_path):
+  from dualform.models import get_config  # pylint: disable=import-outside-toplevel
+  data_dir = write_cb(tmp_path / "data")
+  result = compare.plan(_config(data_dir, "random:tiny-llama", eval_minimum_bucket=64))
+  max_len = get_config("tiny-llama").max_len
+  assert result["bucket_lengths"] and min(result["bucket_lengths"]) >= 64
+  for run in result["runs"]:
+    room = max_len - run["context_length"]
+    assert run["icl_bucket_lengths"] == sorted({min(bucket, room) for bucket in result["bucket_lengths"]})

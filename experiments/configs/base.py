@@ -64,7 +64,7 @@ def get_config(task: str = "cb") -> ml_collections.ConfigDict:
   config.mesh = ""  # data-parallel mesh, e.g. "data=8" (dualform.sharding); empty: one device
   config.eval_tokens_per_batch = 4096  # evaluation batch rows = this // padded length
   config.eval_score_budget = 1 << 26  # cap on rows * heads * T * (C + T) score elements per batch
-  config.eval_minimum_bucket = 16  # smallest padded query length (powers of two above); GPU: 256+ (fewer shapes)
+  config.eval_minimum_bucket = 16  # smallest padded query length (ladder above it); larger on GPUs: fewer shapes
   config.eval_fixed_rows = False  # pad every batch of a bucket to its full rows (GPU: one shape per bucket)
   config.ft_bucket_multiple = 32  # FT sequences are padded to a multiple of this (one jitted step for all)
   config.log_every_seconds = 30.0  # periodic progress line interval when stderr is not a TTY
