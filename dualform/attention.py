@@ -33,7 +33,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 AttentionKind = Literal["softmax", "linear_relaxed", "momentum"]
 ATTENTION_KINDS: tuple[str, ...] = ("softmax", "linear_relaxed", "momentum")
@@ -124,8 +124,12 @@ def weighted_values(weights: Float[Array, "B N T S"], v: Float[Array, "B S K H"]
 
 def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"],
                      prefix_k: Float[Array, "1 C K H"], prefix_v: Float[Array, "1 C K H"], *,
-                     kind: AttentionKind = "softmax", scale: float | None = None) -> Float[Array, "B T N H"]:
+                     kind: AttentionKind = "softmax", scale: float | None = None,
+                     prefix_length: Int[Array, ""] | int | None = None) -> Float[Array, "B T N H"]:
   """Causal attention of B rows of T new tokens over one shared prefix of C tokens and over themselves.
+
+  ``prefix_length`` (optional, may be traced): only prefix keys ``s < prefix_length`` are attended to; the
+  rest is padding, so prefixes of different lengths padded to one C share one compiled shape.
 
   Equals ``attention(q, [prefix_k; k], [prefix_v; v], mask=causal_mask(T, C + T), kind=kind)`` with the
   prefix broadcast to every row (softmax or ``linear_relaxed``; momentum needs the row's values in order,
@@ -163,6 +167,9 @@ def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: 
     x = jnp.transpose(x.reshape(num_kv_heads, batch, seq, group, -1), (1, 2, 0, 3, 4))
     return x.reshape(batch, seq, num_heads, -1)
 
+  if prefix_length is not None:  # padding keys of the prefix: masked like future keys
+    prefix_scores = jnp.where(jnp.arange(prefix_k.shape[1]) < prefix_length, prefix_scores,
+                              0.0 if kind == "linear_relaxed" else jnp.finfo(dtype).min)
   if kind == "linear_relaxed":
     prefix_weights, own_weights, norm = prefix_scores, jnp.where(mask, own_scores, 0.0), None
   else:

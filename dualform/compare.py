@@ -235,6 +235,8 @@ def prepare(config, *, load_pretrained: Callable | None = None) -> _Prepared:
   extra = {"trust_pickle": True} if config.get("trust_pickle") else {}
   pretrained = load_pretrained(config.model, dtype=config.dtype, **extra)
   model, tokenizer, info = pretrained.model, pretrained.tokenizer, dict(pretrained.info)
+  if config.get("scan_layers"):
+    model.config = model.config.replace(scan_layers=True)
   single_token = packing.labels_are_single_tokens(tokenizer, task, config.template_index)
   encode = lambda example: packing.encode_query(tokenizer, task, example, template_index=config.template_index,
                                                allow_multitoken_labels=config.allow_multitoken_labels)
@@ -294,6 +296,7 @@ class _Evaluator:
                                    pad_id=self.pad_id,
                                    allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
                                    row_multiple=rows, fixed_rows=config.eval_fixed_rows,
+                                   prefix_multiple=config.get("eval_prefix_multiple") or None,
                                    progress=progress.update)
     progress.close()
     return result
@@ -417,13 +420,13 @@ def _kendall(icl, other, position: int, *, contexts, icl_name: str, other_name: 
   if not SETTINGS[other_name].is_icl:
     test_queries = other.records["queries"][:, :, position]  # [N, L, Dq]
     train = np.swapaxes(train_queries[other_name], 0, 1)  # [T, L, Dq] -> [L, T, Dq]
-    report = lambda pairing, salt: metrics.training_attention_report(
+    report = lambda pairing, salt, baselines: metrics.training_attention_report(
         icl_context_scores, reference.demo_token_positions, reference.demo_lengths, test_queries, train,
-        _metric_key(seed, salt), max_examples=max_examples, pairing=pairing)
+        _metric_key(seed, salt), max_examples=max_examples, pairing=pairing, baselines=baselines)
     block = {"kendall_source": "w_FT = softmax_j(q_test . q_j) over the FT-run queries of the demo tokens",
-             **report(None, salt + "/kendall")}
-    if pairing is not None:
-      block["shuffled"] = report(pairing, salt + "/kendall_shuffled")
+             **report(None, salt + "/kendall", True)}
+    if pairing is not None:  # the random baselines do not depend on the pairing: computed once, above
+      block["shuffled"] = report(pairing, salt + "/kendall_shuffled", False)
     return block
   # ICL-vs-ICL ceiling: the other run's attention to the same demo tokens, in the reference token order.
   other_context = contexts[other_name]
@@ -543,8 +546,9 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
                                 "batch_size": 1, "optimizer": "optax.sgd (no momentum, weight decay, warmup, "
                                 "clipping)", "dtype": config.dtype, "seconds": trained.seconds,
                                 "traces": trained.traces}
-      runs.atomic_save_npz(folder / "records" / f"{run_id}_{name}_train.npz", queries=trained.queries,
-                           demo_token_counts=trained.demo_token_counts, losses=trained.losses)
+      if config.get("save_records", True):
+        runs.atomic_save_npz(folder / "records" / f"{run_id}_{name}_train.npz", queries=trained.queries,
+                             demo_token_counts=trained.demo_token_counts, losses=trained.losses)
     context_ids = {"zero_shot": zero_shot, "demonstrations": context.token_ids,
                    "demonstrations_permuted": alternative.token_ids if alternative else None}[setting.context]
     record = setting.record if prepared.single_token else evaluate_lib.NO_RECORDS
@@ -554,7 +558,8 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
     results[name] = result
     timings[name] = result.seconds
     flops[name] = _forward_flops(model.config, new_tokens, len(context_ids) + new_tokens / count / 2, count)
-    runs.atomic_save_npz(folder / "records" / f"{run_id}_{name}.npz", **_records_npz(result))
+    if config.get("save_records", True):  # off for benchmarks: the 2.7B records are gigabytes per task
+      runs.atomic_save_npz(folder / "records" / f"{run_id}_{name}.npz", **_records_npz(result))
     log(f"[{run_id}] {name}: accuracy {result.accuracy(gold):.2f} ({count} examples, {result.seconds:.1f} s, "
         f"{result.traces} shapes)")
     del model

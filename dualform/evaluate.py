@@ -111,9 +111,20 @@ def _single_label_ids(label_tokens: Sequence[Sequence[int]]) -> tuple[bool, np.n
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_prefix(graphdef, state, tokens) -> KVCache:
-  """Jitted :meth:`Transformer.encode_prefix` of one context [1, C] (one compile per context length)."""
-  return nnx.merge(graphdef, state).encode_prefix(tokens)
+def _encode_prefix(graphdef, state, tokens, valid_length=None) -> KVCache:
+  """Jitted :meth:`Transformer.encode_prefix` of one context [1, C] (one compile per C), optionally padded."""
+  return nnx.merge(graphdef, state).encode_prefix(tokens, valid_length)
+
+
+def padded_prefix_length(length: int, multiple: int | None, max_len: int) -> int:
+  """C of a context of ``length`` tokens cached right-padded: up to a multiple of ``multiple`` (at most
+  ``max_len``, at least ``length``), or to a power of two when shorter than ``multiple`` (a zero-shot
+  ``<s>`` stays 1 token instead of growing to a whole multiple); ``length`` when ``multiple`` is None or 0."""
+  if not multiple:
+    return length
+  if length < multiple:
+    return 1 << max(0, length - 1).bit_length()
+  return max(length, min(-(-length // multiple) * multiple, max_len))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "record"))
@@ -195,7 +206,8 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
              tokens_per_batch: int = 4096, score_budget: int | None = None, minimum_bucket: int = 16,
              pad_id: int = 0,
              allow_multitoken_labels: bool = False, shard_batch: Callable | None = None, row_multiple: int = 1,
-             fixed_rows: bool = False, progress: Callable[[int], None] | None = None) -> EvalResult:
+             fixed_rows: bool = False, prefix_multiple: int | None = None,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
   """Scores every query after one shared context (PROTOCOL.md §5), with records from the same pass.
 
   Args:
@@ -207,11 +219,13 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     tokens_per_batch: rows per batch = tokens_per_batch // bucket length (rounded to row_multiple).
     score_budget: cap on rows * heads * T * (C + T) attention scores per batch (T the bucket length).
     minimum_bucket: smallest padded length; padded lengths follow :func:`bucket_length`, capped at the
-      model context left after ``context``.
+      model context left after ``context`` (not capped with ``prefix_multiple``).
     allow_multitoken_labels: score multi-token labels by mean teacher-forced log-prob, one pass per candidate.
     shard_batch: optional function placing a host batch on the mesh (``dualform.sharding.shard_batch``).
     row_multiple: rows per batch are a multiple of this (the data-parallel device count).
     fixed_rows: pad every batch of a bucket to the full rows (one compiled shape per bucket; GPU).
+    prefix_multiple: cache the context right-padded to a multiple of this (at most the model context),
+      with the padding masked, so contexts of different lengths share compiled shapes (GPU); same results.
     progress: called with the number of examples finished (read back) after each batch.
   """
   start = time.perf_counter()
@@ -226,18 +240,31 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     raise ValueError("an empty query input; every example needs at least one prompt token")
   graphdef, state = nnx.split(model)
   context = list(context)
-  cache = _encode_prefix(graphdef, state, jnp.asarray([context], jnp.int32)) if context else None
+  cached_length = padded_prefix_length(len(context), prefix_multiple, model.config.max_len)
+  longest = len(context) + max(len(query) for query in query_inputs) + max(len(label) for label in label_tokens)
+  if prefix_multiple and longest > model.config.max_len:  # (unpadded, the model itself refuses it)
+    raise ValueError(f"sequence of {longest} tokens exceeds the model context of {model.config.max_len}")
+  if not context:
+    cache = None
+  elif not prefix_multiple:
+    cache = _encode_prefix(graphdef, state, jnp.asarray([context], jnp.int32))
+  else:
+    padded = context + [pad_id] * (cached_length - len(context))
+    cache = _encode_prefix(graphdef, state, jnp.asarray([padded], jnp.int32), jnp.asarray(len(context), jnp.int32))
   place = shard_batch or (lambda array: jnp.asarray(array))
-  room = model.config.max_len - len(context)  # positions left for a query after the shared context
+  # Positions left for a query after the context cap the buckets; a padded cache needs no cap (its
+  # continuations start at the valid length and only padding rows reach past the model context), so every
+  # context shares the same bucket ladder.
+  room = None if prefix_multiple else model.config.max_len - len(context)
   heads = model.config.num_heads
   batching = functools.partial(_batches, tokens_per_batch=tokens_per_batch, row_multiple=row_multiple,
                                bucketing=functools.partial(bucket_length, minimum=minimum_bucket, maximum=room),
                                fixed_rows=fixed_rows, score_budget=score_budget,
-                               scores_per_row=lambda bucket: heads * bucket * (len(context) + bucket))
+                               scores_per_row=lambda bucket: heads * bucket * (cached_length + bucket))
   if single:
     sequences = [list(query) + [int(label_ids[0])] for query in query_inputs]
     result = _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
-                              progress)
+                              progress, len(context))
   else:
     result = _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, batching, pad_id, place,
                                   progress)
@@ -247,7 +274,7 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
 
 
 def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
-                     progress) -> EvalResult:
+                     progress, context_length: int) -> EvalResult:
   lengths = np.asarray([len(sequence) for sequence in sequences])
   count, query_max = len(sequences), int(lengths.max())
   label_ids_device = jnp.asarray(label_ids)
@@ -258,6 +285,8 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batch
     """Copies one finished batch into the per-example arrays (blocks until the device is done with it)."""
     for name, value in outputs.items():
       value = np.asarray(value)[:len(indices)]
+      if name == "context_scores":  # a padded cache also scored its padding keys
+        value = value[..., :context_length]
       if name == "query_scores":
         value = value[..., :query_max]
         if value.shape[-1] < query_max:

@@ -625,22 +625,27 @@ def random_topk_recall_per_layer(w_ft, k: int, key, max_examples: int | None = N
 
 def training_attention_report(context_scores, demo_token_positions, demo_lengths, test_queries,
                               train_queries, key, *, max_examples: int | None = None, pairing=None,
-                              token_top_k: int = 100, example_top_k: int = 5) -> dict:
+                              token_top_k: int = 100, example_top_k: int = 5, baselines: bool = True) -> dict:
   """Kendall tau and top-k recall between w_ICL and w_FT at token and example level, with baselines.
 
   Inputs as in ``icl_training_attention`` / ``ft_training_attention`` / ``example_level``; the example
   level sums softmax weights within each demonstration (softmax over all tokens first, as the original).
-  Returns a JSON-ready dict ``{"token": {...}, "example": {...}, "max_examples", "num_examples"}`` whose
-  levels hold per-layer lists and means of ``kendall``, ``random_kendall``, ``recall_topk`` and
-  ``random_recall_topk`` (k = ``token_top_k`` / ``example_top_k``, clipped to the number of items).
+  Only the first N' = min(N, max_examples) examples are used (and computed). Returns a JSON-ready dict
+  ``{"token": {...}, "example": {...}, "max_examples", "num_examples"}`` whose levels hold per-layer lists
+  and means of ``kendall``, ``random_kendall``, ``recall_topk`` and ``random_recall_topk`` (k =
+  ``token_top_k`` / ``example_top_k``, clipped to the number of items). ``baselines=False`` leaves out the
+  two random baselines (they do not depend on ``pairing``: a shuffled report reuses the unshuffled ones).
   """
-  w_icl_tokens = icl_training_attention(context_scores, demo_token_positions)
-  w_ft_tokens = ft_training_attention(test_queries, train_queries)
+  n = _limit(len(context_scores), max_examples)
+  if len(test_queries) != len(context_scores):
+    raise ValueError(f"context_scores has {len(context_scores)} examples but test_queries {len(test_queries)}; "
+                     f"pass the same evaluated examples")
+  w_icl_tokens = icl_training_attention(np.asarray(context_scores)[:n], demo_token_positions)
+  w_ft_tokens = ft_training_attention(np.asarray(test_queries)[:n], train_queries)
   if w_icl_tokens.shape != w_ft_tokens.shape:
     raise ValueError(f"ICL sees {w_icl_tokens.shape[-1]} demo tokens but FT trained on "
                      f"{w_ft_tokens.shape[-1]}; use the same packed demonstrations for both")
   key = _as_key(key)
-  n = _limit(w_icl_tokens.shape[0], max_examples)
   report = {"max_examples": max_examples, "num_examples": n,
             "paired": "shuffled" if pairing is not None else "identity"}
   levels = {"token": (w_icl_tokens, w_ft_tokens, token_top_k),
@@ -651,15 +656,12 @@ def training_attention_report(context_scores, demo_token_positions, demo_lengths
     level_key = jax.random.fold_in(key, level_index)
     kendall = kendall_per_layer(w_icl, w_ft, max_examples, pairing)
     recall = topk_recall_per_layer(w_icl, w_ft, top_k, max_examples, pairing)
-    report[level] = {
-        "kendall": _per_layer_record(kendall),
-        "random_kendall": random_kendall_per_layer(w_icl, jax.random.fold_in(level_key, 0),
-                                                   max_examples).to_record(),
-        "top_k": top_k,
-        "recall_topk": _per_layer_record(recall),
-        "random_recall_topk": random_topk_recall_per_layer(w_ft, top_k, jax.random.fold_in(level_key, 1),
-                                                           max_examples).to_record(),
-    }
+    report[level] = {"kendall": _per_layer_record(kendall), "top_k": top_k, "recall_topk": _per_layer_record(recall)}
+    if baselines:
+      report[level]["random_kendall"] = random_kendall_per_layer(w_icl, jax.random.fold_in(level_key, 0),
+                                                                 max_examples).to_record()
+      report[level]["random_recall_topk"] = random_topk_recall_per_layer(
+          w_ft, top_k, jax.random.fold_in(level_key, 1), max_examples).to_record()
   return report
 
 

@@ -57,13 +57,16 @@ flags.DEFINE_integer("eval_score_budget", None, "cap on rows * heads * T * (C + 
 flags.DEFINE_integer("eval_minimum_bucket", None, "smallest padded query length (default 16; larger on GPUs: fewer compiled shapes)")
 flags.DEFINE_bool("eval_fixed_rows", None, "pad every evaluation batch to full rows (GPU: fewer compiled shapes)")
 flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
+flags.DEFINE_integer("eval_prefix_multiple", None, "cache ICL contexts right-padded to a multiple of this (0: off; GPU: one shape for every task)")
+flags.DEFINE_bool("save_records", None, "write records/*.npz, the per-example analysis arrays (default true)")
+flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; compile time flat in depth)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
 _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "lr_heldout_examples",
               "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
               "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "eval_fixed_rows",
-              "ft_bucket_multiple", "trust_pickle")
+              "ft_bucket_multiple", "eval_prefix_multiple", "scan_layers", "save_records", "trust_pickle")
 
 
 def _model_slug(model: str) -> str:

@@ -40,10 +40,6 @@ from dualform import dual_form
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the Agg backend)
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/dual_form_demo", "Output folder for results.json and residuals.png.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and tokens.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --workdir.")
-
 LEARNING_RATE = 0.1  # the SGD step's rate; meta_gradient_loss makes the step independent of it
 EXAMPLE = dict(model_dim=6, head_dim=4, demos=4, queries=3)  # the printed example
 # (model dim D, head dim H, demonstrations S', query tokens T) for the residual sweep
@@ -197,12 +193,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.update("jax_threefry_partitionable", True)
-  logging.info("dual form demo: workdir=%s seed=%d", _WORKDIR.value, _SEED.value)
+  FLAGS = flags.FLAGS
+  logging.info("dual form demo: workdir=%s seed=%d", FLAGS.workdir, FLAGS.seed)
   try:
-    run(_WORKDIR.value, _SEED.value, _OVERWRITE.value)
+    run(FLAGS.workdir, FLAGS.seed, FLAGS.overwrite)
   except ValueError as error:
     sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing this module next to another experiment
+  # (as the tests do) does not define --workdir twice.
+  flags.DEFINE_string("workdir", "runs/dual_form_demo", "Output folder for results.json and residuals.png.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights and tokens.")
+  flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run in --workdir.")
   app.run(main)

@@ -7,6 +7,8 @@ heads, causal masks with a cached prefix (S > T), arbitrary masks, custom scales
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,6 +269,26 @@ def test_prefix_attention_equals_attention_over_the_concatenated_keys(name, kind
     mask = attention.causal_mask(seq, prefix + seq)
     assert actual.dtype == dtype and actual.shape == q.shape
     assert relative_error(actual, numpy_attention(q, full_k, full_v, mask, scale, kind)) <= tolerance
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("kind", ["softmax", "linear_relaxed"])
+def test_padded_prefix_with_its_length_equals_the_unpadded_prefix(name, kind):
+  """Keys and values past ``prefix_length`` are padding: any values there leave the output unchanged,
+  and one jitted function serves prefixes of several lengths padded to one C."""
+  with precision(name) as (dtype, tolerance):
+    rng = np.random.default_rng(5)
+    normal = lambda *shape: jnp.asarray(3 * rng.standard_normal(shape), dtype)
+    q, k, v = normal(2, 4, 6, 5), normal(2, 4, 3, 5), normal(2, 4, 3, 5)
+    padded_k, padded_v = normal(1, 12, 3, 5), normal(1, 12, 3, 5)  # large garbage in the padding too
+    scale = 1.0 if kind == "linear_relaxed" else None
+    padded = jax.jit(functools.partial(attention.prefix_attention, kind=kind, scale=scale))
+    for length in (1, 7, 12):
+      expected = attention.prefix_attention(q, k, v, padded_k[:, :length], padded_v[:, :length], kind=kind,
+                                            scale=scale)
+      actual = padded(q, k, v, padded_k, padded_v, prefix_length=jnp.asarray(length))
+      assert relative_error(actual, expected) <= tolerance, length
+    assert padded._cache_size() == 1
 
 
 def test_prefix_attention_rejects_momentum_and_bad_prefixes():

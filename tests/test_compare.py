@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -93,6 +94,29 @@ def test_run_fairseq_sweep_label_pos_and_determinism(tmp_path):
     b = np.load(tmp_path / "b" / "records" / f"seed3-perm0_{name}.npz")
     np.testing.assert_array_equal(a["label_scores"], b["label_scores"])
   assert first["runs"][0]["headline"] == second["runs"][0]["headline"]
+
+
+def test_accelerator_options_change_speed_not_results(tmp_path):
+  """The GPU options (layer scan, padded ICL cache, fixed rows, no records on disk) give the default run's
+  predictions and metrics. In float64: SimAM_Δ compares small score updates (FT and ICL minus ZSL), which
+  amplify float32 rounding of a different summation order."""
+  data_dir = write_cb(tmp_path / "data")
+  config = _config(data_dir, "random:tiny-fairseq", lr=0.01, dtype="float64")
+  fast = _config(data_dir, "random:tiny-fairseq", lr=0.01, dtype="float64", scan_layers=True,
+                 eval_prefix_multiple=64, eval_fixed_rows=True, save_records=False)
+  with jax.enable_x64(True):
+    plain = compare.run(config, tmp_path / "plain", load_pretrained=cached_loader)
+    accelerated = compare.run(fast, tmp_path / "fast", load_pretrained=cached_loader)
+  assert list((tmp_path / "fast" / "records").iterdir()) == []
+  assert len(list((tmp_path / "plain" / "records").iterdir())) == 4  # zsl, ft, icl and the FT training queries
+  assert [row["predictions"] for row in accelerated["examples"]] == [row["predictions"] for row in plain["examples"]]
+  first, second = plain["runs"][0], accelerated["runs"][0]
+  assert first["headline"].keys() == second["headline"].keys()
+  for name, value in first["headline"].items():
+    if value is None:  # e.g. Rec2FTP with an empty denominator
+      assert second["headline"][name] is None, name
+    else:
+      assert second["headline"][name] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), name
 
 
 def test_existing_folder_refused_and_overwrite(tmp_path):

@@ -138,6 +138,45 @@ def test_queries_that_fill_the_context_are_not_padded_past_it(family):
   np.testing.assert_array_equal(fast.predictions, slow.predictions)
 
 
+def test_padded_prefix_changes_shapes_not_results():
+  """Contexts cached right-padded to a multiple give the results of the exact cache, and two contexts of
+  different lengths then share every compiled query shape."""
+  model = build_model(tiny_config("fairseq_dense"), seed=8)
+  context, queries = _inputs(seed=9, count=13)
+  labels = [[5], [9], [17]]
+  assert evaluate.padded_prefix_length(37, 32, 256) == 64 and evaluate.padded_prefix_length(37, 0, 256) == 37
+  assert evaluate.padded_prefix_length(250, 32, 256) == 256 and evaluate.padded_prefix_length(37, None, 256) == 37
+  assert [evaluate.padded_prefix_length(n, 512, 2048) for n in (1, 2, 20, 512, 513, 1734, 2040)] == [
+      1, 2, 32, 512, 1024, 2048, 2048]
+  with jax.default_matmul_precision("highest"):
+    exact = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128)
+    padded = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128,
+                               prefix_multiple=32)
+    compiled = evaluate._score_batch._cache_size()
+    evaluate.evaluate(model, context[:-3], queries, labels, record=ALL_RECORDS, tokens_per_batch=128,
+                      prefix_multiple=32)  # 34 tokens: also cached as 64
+    assert evaluate._score_batch._cache_size() == compiled
+  np.testing.assert_array_equal(padded.predictions, exact.predictions)
+  assert padded.context_length == exact.context_length == len(context)
+  # A context that leaves less room than a bucket: the exact cache caps the bucket, the padded one does
+  # not (only padding rows pass the model context), and the results agree.
+  long_context = np.random.default_rng(10).integers(3, 128, size=model.config.max_len - 31).tolist()
+  with jax.default_matmul_precision("highest"):
+    capped = evaluate.evaluate(model, long_context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128)
+    uncapped = evaluate.evaluate(model, long_context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128,
+                                 prefix_multiple=32)
+  assert _relative_error(uncapped.label_scores, capped.label_scores) <= 1e-5
+  for name in capped.records:
+    assert _relative_error(uncapped.records[name], capped.records[name]) <= 1e-5, name
+  with pytest.raises(ValueError, match="exceeds the model context"):  # padded or not, too long is refused
+    evaluate.evaluate(model, long_context, [list(range(3, 40))], labels, prefix_multiple=32)
+  assert _relative_error(padded.label_scores, exact.label_scores) <= 1e-5
+  assert sorted(padded.records) == sorted(exact.records)
+  for name in exact.records:
+    assert padded.records[name].shape == exact.records[name].shape, name
+    assert _relative_error(padded.records[name], exact.records[name]) <= 1e-5, name
+
+
 def test_fixed_rows_and_score_budget_change_batching_not_results():
   model = build_model(tiny_config("llama"), seed=6)
   context, queries = _inputs(seed=7, count=23)

@@ -283,6 +283,32 @@ def test_training_attention_report_scores_one_when_icl_equals_ft():
                                       train_queries, key=0)
 
 
+def test_training_attention_report_uses_only_the_first_examples():
+  """max_examples=m equals the report of the first m examples (the rest are never computed); without
+  baselines the random keys are left out and the rest is unchanged."""
+  rng = np.random.default_rng(4)
+  n, layers, dq, m = 9, 2, 4, 5
+  demo_lengths, positions = [3, 2, 4], np.array([1, 2, 3, 5, 6, 8, 9, 10, 11])
+  test_queries, train_queries = rng.normal(size=(n, layers, dq)), rng.normal(size=(layers, 9, dq))
+  context_scores = rng.normal(size=(n, layers, 13))
+  report = lambda scores, queries, **kwargs: metrics.training_attention_report(
+      scores, positions, demo_lengths, queries, train_queries, key=0, token_top_k=4, example_top_k=2, **kwargs)
+  limited = report(context_scores, test_queries, max_examples=m)
+  first = report(context_scores[:m], test_queries[:m])
+  assert limited["num_examples"] == first["num_examples"] == m
+  assert {level: limited[level] for level in ("token", "example")} == {
+      level: first[level] for level in ("token", "example")}
+  assert limited["token"]["kendall"]["mean"] != report(context_scores, test_queries)["token"]["kendall"]["mean"]
+  pairing = metrics.derangement(m, 1)
+  with_baselines = report(context_scores, test_queries, max_examples=m, pairing=pairing)
+  without = report(context_scores, test_queries, max_examples=m, pairing=pairing, baselines=False)
+  for level in ("token", "example"):
+    assert set(with_baselines[level]) - set(without[level]) == {"random_kendall", "random_recall_topk"}
+    assert all(without[level][name] == with_baselines[level][name] for name in without[level])
+  with pytest.raises(ValueError, match="same evaluated examples"):
+    report(context_scores, test_queries[:-1])
+
+
 # ------------------------------------------------------------------------------------------------ controls
 
 def test_derangement_and_pairing():

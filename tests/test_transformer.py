@@ -548,3 +548,119 @@ def test_forward_argument_errors():
 def test_bad_config_values_are_refused(family, overrides, message):
   with pytest.raises(ValueError, match=message):
     tiny_config(**{"family": family, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer scan (config.scan_layers): the same function with one compiled layer body.
+
+
+def _with_scan(model, on: bool):
+  """The same parameters under a config with ``scan_layers`` set to ``on``."""
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)
+  copy.config = copy.config.replace(scan_layers=on)
+  return copy
+
+
+def _has_scan(jaxpr, layers: int = 3) -> bool:
+  """Whether the jaxpr scans over ``layers`` steps (momentum attention scans over tokens, not layers)."""
+  return any(equation.primitive.name == "scan" and equation.params["length"] == layers
+             for equation in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("family,kind,eta", [("llama", "softmax", None), ("fairseq_dense", "softmax", None),
+                                             ("llama", "momentum", 0.6), ("fairseq_dense", "linear_relaxed", None)])
+def test_scanned_layers_equal_the_unrolled_loop_in_float64(family, kind, eta):
+  with jax.enable_x64(True):
+    loop = set_attention(random_model(family, num_layers=3, dtype="float64", param_dtype="float64"), kind, eta)
+    scan = _with_scan(loop, True)
+    context, batch = random_tokens(20, (1, 6)), random_tokens(21, (3, 5))
+    record_positions = jnp.asarray([[4, 0], [2, 1], [3, 3]], jnp.int32)
+    for model in (loop, scan):  # the scan really runs: its jaxpr holds one scan, the loop's none
+      graphdef, state = nnx.split(model)
+      jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).forward(batch).logits)(state).jaxpr
+      assert _has_scan(jaxpr) == (model is scan)
+    expected_cache, actual_cache = run_encode_prefix(loop, context), run_encode_prefix(scan, context)
+    for expected, actual in zip(expected_cache.keys + expected_cache.values, actual_cache.keys + actual_cache.values):
+      assert relative_error(actual, expected) <= F64_TOLERANCE
+    expected = run_forward(loop, batch, cache=expected_cache, record=RECORD_ALL, record_positions=record_positions,
+                           return_cache=True)
+    actual = run_forward(scan, batch, cache=expected_cache, record=RECORD_ALL, record_positions=record_positions,
+                         return_cache=True)
+    assert relative_error(actual.logits, expected.logits) <= F64_TOLERANCE
+    assert len(actual.records) == len(expected.records) == 3
+    for actual_record, expected_record in zip(actual.records, expected.records):
+      assert actual_record.keys() == expected_record.keys()
+      for name in expected_record:
+        assert relative_error(actual_record[name], expected_record[name]) <= F64_TOLERANCE, name
+    for returned, reference in zip(actual.cache.keys + actual.cache.values, expected.cache.keys + expected.cache.values):
+      assert relative_error(returned, reference) <= F64_TOLERANCE
+
+
+def test_scanned_layers_give_the_same_key_value_gradient_in_float64():
+  """The FT path differentiates through the scan: d loss / d (k, v) kernels equal the loop's."""
+  with jax.enable_x64(True):
+    loop = random_model("fairseq_dense", num_layers=3, dtype="float64", param_dtype="float64")
+    tokens = random_tokens(22, (1, 9))
+
+    def kv_gradient(model):
+      graphdef, trainable, frozen = nnx.split(model, nnx.Any(nnx.PathContains("k_proj"), nnx.PathContains("v_proj")), ...)
+
+      def loss(trainable_state):
+        logits = nnx.merge(graphdef, trainable_state, frozen).forward(tokens).logits
+        return -jnp.mean(jax.nn.log_softmax(logits[0, :-1])[jnp.arange(8), tokens[0, 1:]])
+
+      return jax.jit(jax.grad(loss))(trainable)
+
+    expected, actual = kv_gradient(loop), kv_gradient(_with_scan(loop, True))
+    expected_leaves, actual_leaves = jax.tree.leaves(expected), jax.tree.leaves(actual)
+    assert len(expected_leaves) == 12  # 3 layers x {k, v} x {kernel, bias}
+    # One relative error over all leaves: the key bias gradient is zero up to rounding (softmax ignores
+    # a score shift shared by every key), so it is compared on the scale of the others.
+    flat = lambda leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+    assert relative_error(flat(actual_leaves), flat(expected_leaves)) <= F64_TOLERANCE
+    informative = [leaf for (path, leaf) in jax.tree_util.tree_leaves_with_path(expected)
+                   if "kernel" in jax.tree_util.keystr(path) or "v_proj" in jax.tree_util.keystr(path)]
+    assert len(informative) == 9 and all(float(jnp.max(jnp.abs(leaf))) > 1e-6 for leaf in informative)
+
+
+def test_scan_falls_back_to_the_loop_when_layers_differ():
+  model = set_attention(random_model("llama", num_layers=3), "linear_relaxed", layers=(1,))
+  scan = _with_scan(model, True)
+  tokens = random_tokens(23, (2, 7))
+  graphdef, state = nnx.split(scan)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).forward(tokens).logits)(state).jaxpr
+  assert not _has_scan(jaxpr)
+  assert relative_error(run_forward(scan, tokens).logits, run_forward(model, tokens).logits) <= F32_TOLERANCE
+
+
+@pytest.mark.parametrize("family,scan", [("llama", False), ("fairseq_dense", False), ("llama", True)])
+def test_padded_prefix_cache_equals_the_exact_cache(family, scan):
+  """A context right-padded to C with ``valid_length`` gives the logits and records of the exact cache:
+  positions continue from the valid length, padding keys get zero weight."""
+  model = _with_scan(random_model(family, num_layers=3), scan)
+  context, batch = random_tokens(30, (1, 7)), random_tokens(31, (3, 5))
+  padded_context = jnp.concatenate([context, random_tokens(32, (1, 9))], axis=1)  # 9 padding tokens
+  record_positions = jnp.asarray([[4, 0], [2, 1], [3, 3]], jnp.int32)
+  exact = run_forward(model, batch, cache=run_encode_prefix(model, context), record=RECORD_ALL,
+                      record_positions=record_positions)
+  graphdef, state = nnx.split(model)
+  padded_cache = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).encode_prefix(t, n))(state, padded_context,
+                                                                                    jnp.asarray(7))
+  assert padded_cache.length == 16 and int(padded_cache.offset) == 7
+  padded = run_forward(model, batch, cache=padded_cache, record=RECORD_ALL, record_positions=record_positions)
+  assert relative_error(padded.logits, exact.logits) <= F32_TOLERANCE
+  valid = np.r_[0:7, 16:21]  # the real context keys, then the continuation keys
+  for padded_record, exact_record in zip(padded.records, exact.records):
+    for name in ("attn_out", "queries"):
+      assert relative_error(padded_record[name], exact_record[name]) <= F32_TOLERANCE, name
+    for name in ("scores", "weights"):
+      assert relative_error(padded_record[name][..., valid], exact_record[name]) <= F32_TOLERANCE, name
+    np.testing.assert_array_equal(padded_record["weights"][..., 7:16], 0.0)
+
+
+def test_padded_prefix_cache_is_refused_for_momentum_attention():
+  model = set_attention(random_model("llama"), "momentum", 0.5)
+  cache = run_encode_prefix(model, random_tokens(33, (1, 6)))._replace(valid_length=jnp.asarray(4, jnp.int32))
+  with pytest.raises(ValueError, match="momentum attention needs an unpadded prefix"):
+    model.forward(random_tokens(34, (1, 3)), cache=cache)

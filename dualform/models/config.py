@@ -62,6 +62,11 @@ class TransformerConfig:
       the default) or ``"associative_scan"`` (same sum, parallel depth; much faster on GPUs).
     dtype: compute dtype of activations (``"float32"`` or ``"bfloat16"``); softmax runs in >= float32.
     param_dtype: dtype parameters are stored in.
+    scan_layers: run the layer stack as one ``lax.scan`` over per-layer parameters stacked inside the
+      call (same results; XLA compiles one layer body, so compile time no longer grows with depth). Only
+      the call layout changes: parameters stay per layer. Used when every layer has the same attention
+      kind, else the unrolled loop runs. Off by default (the stack costs one copy of the layer weights
+      per call, which the CPU path does not need).
   """
 
   name: str
@@ -84,6 +89,7 @@ class TransformerConfig:
   momentum_method: str = "scan"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.family not in FAMILIES:

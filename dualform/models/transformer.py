@@ -13,7 +13,10 @@ the analysis needs, with no cost to the plain path when unused:
   over all S = cache + T keys), ``weights`` [B, P, N, S] (post-softmax mixing weights) and ``queries``
   [B, P, N, H] (``q_proj(norm(x)) / sqrt(H)``, before RoPE);
 * a per-layer attention kind (softmax, relaxed linear, momentum with eta) through the attention core,
-  switched with :func:`set_attention`.
+  switched with :func:`set_attention`;
+* a padded prefix: ``encode_prefix(padded[None], valid_length)`` caches a right-padded context whose padding
+  is masked, so contexts of different lengths share compiled shapes;
+* ``config.scan_layers``: the layers run as one ``lax.scan`` (same results, one layer in the program).
 
 Residual stream per layer (pre-norm): ``x = x + Attn(norm1(x)); x = x + MLP(norm2(x))``.
 """
@@ -53,14 +56,26 @@ RECORD_ALL = RecordSpec(attn_out=True, scores=True, weights=True, queries=True)
 
 
 class KVCache(NamedTuple):
-  """Keys (after RoPE) and values of an encoded prefix, batch 1: per layer [1, C, K, H]."""
+  """Keys (after RoPE) and values of an encoded prefix, batch 1: per layer [1, C, K, H].
+
+  ``valid_length`` (int32 scalar, or None when all C are valid): a prefix right-padded to C; only its first
+  ``valid_length`` keys are attended to and continuations start at that position, so contexts of different
+  lengths padded to one C share one compiled shape (:meth:`Transformer.encode_prefix`).
+  """
 
   keys: tuple[Array, ...]
   values: tuple[Array, ...]
+  valid_length: Array | None = None
 
   @property
   def length(self) -> int:
+    """C, the (padded) number of cached positions: the static key axis."""
     return self.keys[0].shape[1]
+
+  @property
+  def offset(self) -> int | Array:
+    """Position of the first continuation token: ``valid_length`` when padded, else C."""
+    return self.length if self.valid_length is None else self.valid_length
 
 
 class ForwardOutput(NamedTuple):
@@ -161,8 +176,12 @@ class Attention(nnx.Module):
     return self.eta
 
   def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], prefix: tuple[Array, Array] | None,
-               record: RecordSpec | None, record_positions: Int[Array, "B P"] | None):
-    """Returns (out [B, T, D], (keys, values) of these tokens [B, T, K, H], records dict)."""
+               record: RecordSpec | None, record_positions: Int[Array, "B P"] | None,
+               prefix_length: Array | None = None):
+    """Returns (out [B, T, D], (keys, values) of these tokens [B, T, K, H], records dict).
+
+    ``prefix_length``: the prefix keys at or after it are padding and masked out (see :class:`KVCache`).
+    """
     cfg = self.config
     batch, seq, _ = x.shape
     # [batch, seq, heads, head_dim]
@@ -181,14 +200,18 @@ class Attention(nnx.Module):
     if shared_prefix:
       # One batch-1 prefix serves every row: no per-row copy and no [batch, heads, seq, prefix + seq] tensor.
       prefix_k, prefix_v = (array.astype(k.dtype) for array in prefix)
-      out = attn_core.prefix_attention(q, k, v, prefix_k, prefix_v, kind=self.kind, scale=scale)
+      out = attn_core.prefix_attention(q, k, v, prefix_k, prefix_v, kind=self.kind, scale=scale,
+                                       prefix_length=prefix_length)
       if wants_scores:
         # Only the recorded rows of the score matrix: [batch, heads, P, prefix + seq].
         picked_q = _gather_positions(q, record_positions)
         scores = jnp.concatenate([attn_core.attention_scores(picked_q, prefix_k, scale=scale),
                                   attn_core.attention_scores(picked_q, k, scale=scale)], axis=-1)
-        visible = jnp.concatenate([jnp.ones(record_positions.shape + (prefix_k.shape[1],), bool),
-                                   jnp.arange(seq) <= record_positions[..., None]], axis=-1)  # [batch, P, keys]
+        prefix_visible = jnp.ones(record_positions.shape + (prefix_k.shape[1],), bool)
+        if prefix_length is not None:
+          prefix_visible = prefix_visible & (jnp.arange(prefix_k.shape[1]) < prefix_length)
+        visible = jnp.concatenate([prefix_visible, jnp.arange(seq) <= record_positions[..., None]],
+                                  axis=-1)  # [batch, P, keys]
         weights = attn_core.attention_weights(scores, visible, self.kind)
     else:
       if prefix is not None:
@@ -196,6 +219,8 @@ class Attention(nnx.Module):
         k = jnp.concatenate([jnp.broadcast_to(prefix_k, (batch,) + prefix_k.shape[1:]).astype(k.dtype), k], axis=1)
         v = jnp.concatenate([jnp.broadcast_to(prefix_v, (batch,) + prefix_v.shape[1:]).astype(v.dtype), v], axis=1)
       mask = attn_core.causal_mask(seq, k.shape[1])
+      if prefix_length is not None:  # padding keys of the prefix are never visible
+        mask = mask & ((jnp.arange(k.shape[1]) < prefix_length) | (jnp.arange(k.shape[1]) >= k.shape[1] - seq))
       # [batch, heads, seq, keys]
       scores = attn_core.attention_scores(q, k, scale=scale)
       weights = attn_core.attention_weights(scores, mask, self.kind)
@@ -249,8 +274,9 @@ class Block(nnx.Module):
     self.mlp_norm = _make_norm(config, rngs)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, positions, prefix, record, record_positions):
-    attn_out, new_kv, records = self.attn(self.attn_norm(x), positions, prefix, record, record_positions)
+  def __call__(self, x, positions, prefix, record, record_positions, prefix_length=None):
+    attn_out, new_kv, records = self.attn(self.attn_norm(x), positions, prefix, record, record_positions,
+                                          prefix_length)
     x = x + attn_out
     x = x + self.mlp(self.mlp_norm(x))
     return x, new_kv, records
@@ -311,9 +337,12 @@ class Transformer(nnx.Module):
     """
     cfg = self.config
     batch, seq = tokens.shape
-    offset = 0 if cache is None else cache.length
-    if offset + seq > cfg.max_len:
+    offset = 0 if cache is None else cache.offset
+    if (cache is None or cache.valid_length is None) and offset + seq > cfg.max_len:
       raise ValueError(f"sequence of {offset + seq} tokens exceeds the model context of {cfg.max_len}")
+    if cache is not None and cache.valid_length is not None and any(
+        kind == "momentum" for kind in (cfg.attention_kinds or ())):
+      raise ValueError("momentum attention needs an unpadded prefix cache (its values are summed in order)")
     if record is not None and record.any and record_positions is None:
       raise ValueError("record needs record_positions [batch, P] (indices into the token axis)")
     if cache is not None and len(cache.keys) != cfg.num_layers:
@@ -321,14 +350,19 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = self.default_positions(batch, seq, offset)
     x = self.embed_tokens(tokens, positions)
-    all_records, keys, values = [], [], []
-    for layer, block in enumerate(self.layers):
-      prefix = None if cache is None else (cache.keys[layer], cache.values[layer])
-      x, (k, v), records = block(x, positions, prefix, record, record_positions)
-      all_records.append(records)
-      if return_cache:
-        keys.append(k)
-        values.append(v)
+    prefix_length = None if cache is None else cache.valid_length
+    scanned = self._scanned_layers(x, positions, cache, record, record_positions, return_cache)
+    if scanned is not None:
+      x, keys, values, all_records = scanned
+    else:
+      all_records, keys, values = [], [], []
+      for layer, block in enumerate(self.layers):
+        prefix = None if cache is None else (cache.keys[layer], cache.values[layer])
+        x, (k, v), records = block(x, positions, prefix, record, record_positions, prefix_length)
+        all_records.append(records)
+        if return_cache:
+          keys.append(k)
+          values.append(v)
     if logit_positions is not None:
       x = _gather_positions(x, logit_positions)
     logits = self.unembed(x)
@@ -336,11 +370,48 @@ class Transformer(nnx.Module):
     records_out = tuple(all_records) if record is not None and record.any else ()
     return ForwardOutput(logits, records_out, new_cache)
 
-  def encode_prefix(self, tokens: Int[Array, "1 C"]) -> KVCache:
-    """Encodes a shared context once: its per-layer keys (after RoPE) and values [1, C, K, H]."""
+  def _scanned_layers(self, x, positions, cache, record, record_positions, return_cache):
+    """The layer stack as one ``lax.scan`` (``config.scan_layers``): (x, keys, values, records), or None
+    when scanning is off or the layers differ in structure (attention kind), so the loop runs instead.
+
+    Per-layer parameters are stacked to [L, ...] inside the call (the parameter tree stays per layer, so
+    checkpoints, optimizer masks and hooks are unchanged) and the prefix cache to [L, 1, C, K, H]; the scan
+    body is one :class:`Block`, so XLA compiles one layer however deep the model is.
+    """
+    if not self.config.scan_layers or len(self.layers) < 2:
+      return None
+    splits = [nnx.split(block) for block in self.layers]
+    graphdef = splits[0][0]
+    if any(other != graphdef for other, _ in splits[1:]):
+      return None
+    # [layers, ...] per parameter leaf
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
+    prefixes = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
+    prefix_length = None if cache is None else cache.valid_length
+
+    def body(hidden, layer_inputs):
+      state, prefix = layer_inputs
+      hidden, kv, records = nnx.merge(graphdef, state)(hidden, positions, prefix, record, record_positions,
+                                                       prefix_length)
+      return hidden, (kv if return_cache else None, records)
+
+    x, (kv, records) = jax.lax.scan(body, x, (stacked, prefixes))
+    layers = range(len(self.layers))
+    keys = [kv[0][layer] for layer in layers] if return_cache else []
+    values = [kv[1][layer] for layer in layers] if return_cache else []
+    return x, keys, values, [{name: array[layer] for name, array in records.items()} for layer in layers]
+
+  def encode_prefix(self, tokens: Int[Array, "1 C"], valid_length: Int[Array, ""] | None = None) -> KVCache:
+    """Encodes a shared context once: its per-layer keys (after RoPE) and values [1, C, K, H].
+
+    ``valid_length``: the context is right-padded to C and only its first ``valid_length`` tokens are real
+    (causal attention leaves their keys and values untouched by the padding); the cache then masks the
+    padding and continues positions from ``valid_length`` (:class:`KVCache`).
+    """
     if tokens.ndim != 2 or tokens.shape[0] != 1:
       raise ValueError(f"encode_prefix takes one context of shape [1, C]; got {tokens.shape}")
-    return self.forward(tokens, logit_positions=jnp.zeros((1, 1), jnp.int32), return_cache=True).cache
+    cache = self.forward(tokens, logit_positions=jnp.zeros((1, 1), jnp.int32), return_cache=True).cache
+    return cache if valid_length is None else cache._replace(valid_length=jnp.asarray(valid_length, jnp.int32))
 
 
 def set_attention(model: Transformer, kind: str, eta: float | None = None,

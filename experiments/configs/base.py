@@ -66,6 +66,9 @@ def get_config(task: str = "cb") -> ml_collections.ConfigDict:
   config.eval_score_budget = 1 << 26  # cap on rows * heads * T * (C + T) score elements per batch
   config.eval_minimum_bucket = 16  # smallest padded query length (ladder above it); larger on GPUs: fewer shapes
   config.eval_fixed_rows = False  # pad every batch of a bucket to its full rows (GPU: one shape per bucket)
+  config.eval_prefix_multiple = 0  # cache ICL contexts padded to a multiple of this (GPU: shapes shared by tasks)
+  config.save_records = True  # records/*.npz (the per-example analysis arrays); off for speed benchmarks
+  config.scan_layers = False  # lax.scan over layers: one compiled layer body (GPU: compile time flat in depth)
   config.ft_bucket_multiple = 32  # FT sequences are padded to a multiple of this (one jitted step for all)
   config.log_every_seconds = 30.0  # periodic progress line interval when stderr is not a TTY
   return config.lock()
