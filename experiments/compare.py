@@ -59,7 +59,7 @@ flags.DEFINE_bool("eval_fixed_rows", None, "pad every evaluation batch to full r
 flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
 flags.DEFINE_integer("eval_prefix_multiple", None, "cache ICL contexts right-padded to a multiple of this (0: off; GPU: one shape for every task)")
 flags.DEFINE_bool("save_records", None, "write records/*.npz, the per-example analysis arrays (default true)")
-flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; compile time flat in depth)")
+flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; the program holds one layer body whatever the depth)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
 _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "lr_heldout_examples",

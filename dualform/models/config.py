@@ -63,7 +63,8 @@ class TransformerConfig:
     dtype: compute dtype of activations (``"float32"`` or ``"bfloat16"``); softmax runs in >= float32.
     param_dtype: dtype parameters are stored in.
     scan_layers: run the layer stack as one ``lax.scan`` over per-layer parameters stacked inside the
-      call (same results; XLA compiles one layer body, so compile time no longer grows with depth). Only
+      call (same results; the compiled program holds one layer body whatever the depth, though on the
+      H200 most compile time went to autotuning, which the scan does not remove: BUILD_NOTES.md). Only
       the call layout changes: parameters stay per layer. Used when every layer has the same attention
       kind, else the unrolled loop runs. Off by default (the stack costs one copy of the layer weights
       per call, which the CPU path does not need).

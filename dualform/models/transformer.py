@@ -376,7 +376,7 @@ class Transformer(nnx.Module):
 
     Per-layer parameters are stacked to [L, ...] inside the call (the parameter tree stays per layer, so
     checkpoints, optimizer masks and hooks are unchanged) and the prefix cache to [L, 1, C, K, H]; the scan
-    body is one :class:`Block`, so XLA compiles one layer however deep the model is.
+    body is one :class:`Block`, so the compiled program holds one layer however deep the model is.
     """
     if not self.config.scan_layers or len(self.layers) < 2:
       return None

@@ -68,7 +68,7 @@ def get_config(task: str = "cb") -> ml_collections.ConfigDict:
   config.eval_fixed_rows = False  # pad every batch of a bucket to its full rows (GPU: one shape per bucket)
   config.eval_prefix_multiple = 0  # cache ICL contexts padded to a multiple of this (GPU: shapes shared by tasks)
   config.save_records = True  # records/*.npz (the per-example analysis arrays); off for speed benchmarks
-  config.scan_layers = False  # lax.scan over layers: one compiled layer body (GPU: compile time flat in depth)
+  config.scan_layers = False  # lax.scan over layers: same results, one layer body in the compiled program
   config.ft_bucket_multiple = 32  # FT sequences are padded to a multiple of this (one jitted step for all)
   config.log_every_seconds = 30.0  # periodic progress line interval when stderr is not a TTY
   return config.lock()
