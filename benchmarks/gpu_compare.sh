@@ -18,7 +18,7 @@ export JAX_LOG_COMPILES=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 ARGS="--task ${TASK:-all} --model random:fairseq-dense-2.7b --dtype bfloat16 --eval_tokens_per_batch 32768
   --eval_minimum_bucket 64 --eval_fixed_rows --ft_bucket_multiple 256 --kendall_max_examples 100
-  --eval_score_budget 536870912 --scan_layers --eval_prefix_multiple 512 --save_records=false ${EXTRA:-}"
+  --eval_score_budget 536870912 --scan_layers --eval_prefix_multiple 2048 --save_records=false ${EXTRA:-}"
 echo "python3 -m experiments.compare $ARGS" | tr -s ' \n' ' ' | tee "$OUT/summary.txt"; echo | tee -a "$OUT/summary.txt"
 limits=("${1:-600}" "${2:-600}")
 for pass in cold warm; do

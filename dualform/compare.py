@@ -281,7 +281,9 @@ class _Evaluator:
     self.mesh = mesh
     self.pad_id = 0
 
-  def __call__(self, model, context, queries, label_tokens, record, prefix):
+  def __call__(self, model, context, queries, label_tokens, record, prefix, pad_context: bool = False):
+    """``pad_context``: cache the context padded per ``eval_prefix_multiple`` (ICL demonstrations only: a
+    zero-shot ``<s>`` would grow from one token to a whole multiple)."""
     config = self.config
     shard, rows = None, 1
     if self.mesh is not None:
@@ -296,7 +298,7 @@ class _Evaluator:
                                    pad_id=self.pad_id,
                                    allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
                                    row_multiple=rows, fixed_rows=config.eval_fixed_rows,
-                                   prefix_multiple=config.get("eval_prefix_multiple") or None,
+                                   prefix_multiple=config.get("eval_prefix_multiple") if pad_context else None,
                                    progress=progress.update)
     progress.close()
     return result
@@ -552,7 +554,8 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
     context_ids = {"zero_shot": zero_shot, "demonstrations": context.token_ids,
                    "demonstrations_permuted": alternative.token_ids if alternative else None}[setting.context]
     record = setting.record if prepared.single_token else evaluate_lib.NO_RECORDS
-    result = evaluator(model, context_ids, query_inputs, prepared.label_tokens, record, f"[{run_id}] {name}")
+    result = evaluator(model, context_ids, query_inputs, prepared.label_tokens, record, f"[{run_id}] {name}",
+                       pad_context=setting.is_icl)
     if len(result.predictions) != count or any(len(array) != count for array in result.records.values()):
       raise RuntimeError(f"{name}: {len(result.predictions)} predictions for {count} evaluated examples")
     results[name] = result

@@ -117,13 +117,11 @@ def _encode_prefix(graphdef, state, tokens, valid_length=None) -> KVCache:
 
 
 def padded_prefix_length(length: int, multiple: int | None, max_len: int) -> int:
-  """C of a context of ``length`` tokens cached right-padded: up to a multiple of ``multiple`` (at most
-  ``max_len``, at least ``length``), or to a power of two when shorter than ``multiple`` (a zero-shot
-  ``<s>`` stays 1 token instead of growing to a whole multiple); ``length`` when ``multiple`` is None or 0."""
+  """C of a context of ``length`` tokens cached right-padded up to a multiple of ``multiple`` (at most
+  ``max_len``, at least ``length``); ``length`` when ``multiple`` is None or 0. ``multiple = max_len``
+  gives every context one cache length."""
   if not multiple:
     return length
-  if length < multiple:
-    return 1 << max(0, length - 1).bit_length()
   return max(length, min(-(-length // multiple) * multiple, max_len))
 
 

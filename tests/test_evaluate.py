@@ -146,8 +146,9 @@ def test_padded_prefix_changes_shapes_not_results():
   labels = [[5], [9], [17]]
   assert evaluate.padded_prefix_length(37, 32, 256) == 64 and evaluate.padded_prefix_length(37, 0, 256) == 37
   assert evaluate.padded_prefix_length(250, 32, 256) == 256 and evaluate.padded_prefix_length(37, None, 256) == 37
-  assert [evaluate.padded_prefix_length(n, 512, 2048) for n in (1, 2, 20, 512, 513, 1734, 2040)] == [
-      1, 2, 32, 512, 1024, 2048, 2048]
+  assert [evaluate.padded_prefix_length(n, 512, 2048) for n in (1, 20, 512, 513, 1734, 2040)] == [
+      512, 512, 512, 1024, 2048, 2048]
+  assert {evaluate.padded_prefix_length(n, 2048, 2048) for n in (595, 1734, 2048)} == {2048}
   with jax.default_matmul_precision("highest"):
     exact = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128)
     padded = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128,

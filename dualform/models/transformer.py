@@ -351,7 +351,7 @@ class Transformer(nnx.Module):
       positions = self.default_positions(batch, seq, offset)
     x = self.embed_tokens(tokens, positions)
     prefix_length = None if cache is None else cache.valid_length
-    scanned = self._scanned_layers(x, positions, cache, record, record_positions, return_cache)
+    scanned = self._scanned_layers(x, positions, cache, prefix_length, record, record_positions, return_cache)
     if scanned is not None:
       x, keys, values, all_records = scanned
     else:
@@ -370,7 +370,7 @@ class Transformer(nnx.Module):
     records_out = tuple(all_records) if record is not None and record.any else ()
     return ForwardOutput(logits, records_out, new_cache)
 
-  def _scanned_layers(self, x, positions, cache, record, record_positions, return_cache):
+  def _scanned_layers(self, x, positions, cache, prefix_length, record, record_positions, return_cache):
     """The layer stack as one ``lax.scan`` (``config.scan_layers``): (x, keys, values, records), or None
     when scanning is off or the layers differ in structure (attention kind), so the loop runs instead.
 
@@ -387,7 +387,6 @@ class Transformer(nnx.Module):
     # [layers, ...] per parameter leaf
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
     prefixes = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
-    prefix_length = None if cache is None else cache.valid_length
 
     def body(hidden, layer_inputs):
       state, prefix = layer_inputs
