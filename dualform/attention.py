@@ -140,7 +140,10 @@ def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: 
     m_t = max(max_s a_ts, max_{j<=t} b_tj),   out_t = (sum_s e^{a_ts - m_t} pv_s + sum_{j<=t} e^{b_tj - m_t} v_j)
                                                        / (sum_s e^{a_ts - m_t} + sum_{j<=t} e^{b_tj - m_t})
 
-  (a: prefix scores, b: scores over the new tokens). Computed in at least float32; returns q's dtype.
+  (a: prefix scores, b: scores over the new tokens). The prefix scores are products in q's dtype, as the
+  unsplit attention's (:func:`attention_scores`); the softmax and the normalisation are in at least float32,
+  and the weighted prefix values multiply in q's dtype with at least float32 accumulation (bfloat16 models:
+  tensor-core products, and no float32 [K, M, C] tensor in memory). Returns q's dtype.
   """
   if kind not in ("softmax", "linear_relaxed"):
     raise ValueError(f"prefix_attention supports softmax and linear_relaxed, not {kind!r}")
@@ -154,8 +157,8 @@ def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: 
   dtype = jnp.promote_types(q.dtype, jnp.float32)
   # [K, M, H] with M = (batch, seq, group): every query of one key/value head in one matrix.
   rows = jnp.transpose(q.reshape(batch, seq, num_kv_heads, group, head_dim), (2, 0, 1, 3, 4))
-  rows = (rows.reshape(num_kv_heads, batch * seq * group, head_dim) * scale).astype(dtype)
-  prefix_scores = jnp.einsum("KMH,CKH->KMC", rows, prefix_k[0].astype(dtype))  # [K, M, C]
+  rows = rows.reshape(num_kv_heads, batch * seq * group, head_dim) * jnp.asarray(scale, q.dtype)
+  prefix_scores = jnp.einsum("KMH,CKH->KMC", rows, prefix_k[0].astype(q.dtype)).astype(dtype)  # [K, M, C]
   own_scores = attention_scores(q.astype(dtype), k.astype(dtype), scale=scale)  # [B, N, T, T]
   mask = causal_mask(seq, seq)
 
@@ -179,7 +182,8 @@ def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: 
     own_top = from_rows(top)[..., 0]  # [B, T, N]
     own_weights = jnp.exp(own_logits - jnp.transpose(own_top, (0, 2, 1))[..., None])
     norm = from_rows(prefix_weights.sum(axis=-1, keepdims=True)) + jnp.swapaxes(own_weights.sum(-1), 1, 2)[..., None]
-  out = from_rows(jnp.einsum("KMC,CKH->KMH", prefix_weights, prefix_v[0].astype(dtype)))
+  out = from_rows(jnp.einsum("KMC,CKH->KMH", prefix_weights.astype(q.dtype), prefix_v[0].astype(q.dtype),
+                             preferred_element_type=dtype))
   out = out + weighted_values(own_weights, v.astype(dtype))
   if norm is not None:
     out = out / norm

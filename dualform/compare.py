@@ -40,6 +40,7 @@ from flax import nnx
 from dualform import evaluate as evaluate_lib
 from dualform import finetune as finetune_lib
 from dualform import metrics
+from dualform import metrics_device
 from dualform import params as params_lib
 from dualform import runs
 from dualform.data import packing, tasks
@@ -103,6 +104,7 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 )
 
 MODEL_INITS = ("pretrained", "untrained")
+ANALYSES = ("host", "device")  # where the metrics are computed: float64 numpy, or float32 jax on the device
 LR_SELECT_ON = ("heldout", "eval")
 
 
@@ -157,6 +159,8 @@ def validate_config(config) -> None:
     raise ValueError(f"max_examples must be >= 0 (0 = all); got {config.max_examples}")
   if config.lr is not None and not config.lr > 0:
     raise ValueError(f"lr must be positive; got {config.lr}")
+  if config.get("analysis", "host") not in ANALYSES:
+    raise ValueError(f"unknown analysis {config.analysis!r}; choose host (float64 numpy) or device (float32 jax)")
   if config.random_baseline not in ("normal", "uniform01"):
     raise ValueError(f"unknown random_baseline {config.random_baseline!r}; choose normal or uniform01")
   if config.dtype not in ("float32", "bfloat16", "float16", "float64"):
@@ -295,10 +299,12 @@ class _Evaluator:
     result = evaluate_lib.evaluate(model, context, queries, label_tokens, record=record,
                                    tokens_per_batch=config.eval_tokens_per_batch,
                                    score_budget=config.eval_score_budget, minimum_bucket=config.eval_minimum_bucket,
+                                   bucket_midpoints=config.get("eval_bucket_midpoints", True),
                                    pad_id=self.pad_id,
                                    allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
                                    row_multiple=rows, fixed_rows=config.eval_fixed_rows,
                                    prefix_multiple=config.get("eval_prefix_multiple") if pad_context else None,
+                                   records_on_device=_analysis_ops(config) is metrics_device,
                                    progress=progress.update)
     progress.close()
     return result
@@ -376,9 +382,18 @@ def _layer_record(per_layer: np.ndarray) -> dict:
   return {"per_layer": [float(value) for value in per_layer], "mean": float(per_layer.mean())}
 
 
-def _query_score_list(result: evaluate_lib.EvalResult, position: int) -> list[np.ndarray]:
-  """Per-example [L, heads, Tq_i] query-part scores (keys c..t) at one position."""
+def _analysis_ops(config):
+  """The metric functions of ``config.analysis``: :mod:`dualform.metrics` (host, float64 numpy) or
+  :mod:`dualform.metrics_device` (device, float32 jax; records stay on the accelerator)."""
+  return metrics_device if config.get("analysis", "host") == "device" else metrics
+
+
+def _query_scores(result: evaluate_lib.EvalResult, position: int, ops) -> list[np.ndarray] | jax.Array:
+  """Query-part scores (keys c..t) at one position: per example [L, heads, Tq_i] (host), or one
+  right-aligned [N, L, heads, Q] array (device)."""
   scores = result.records["query_scores"]
+  if ops is metrics_device:
+    return metrics_device.right_align(scores[:, :, position], result.query_lengths)
   return [scores[i, :, position, :, :length] for i, length in enumerate(result.query_lengths)]
 
 
@@ -390,23 +405,24 @@ def _aligned_positions(reference: packing.PackedContext, other: packing.PackedCo
 
 def _similarity(zsl, icl, other, position: int, *, seed: int, salt: str, config, pairing) -> dict:
   """SimAOU (+ random), SimAM, ZSL-SimAM and SimAM_Δ of one comparison at one position."""
+  ops = _analysis_ops(config)
   attn = lambda result: result.records["attn_out"][:, :, position]  # [N, L, D]
-  icl_scores, other_scores, zsl_scores = (_query_score_list(result, position) for result in (icl, other, zsl))
+  icl_scores, other_scores, zsl_scores = (_query_scores(result, position, ops) for result in (icl, other, zsl))
   block = {
-      "simaou": _layer_record(metrics.simaou_per_layer(attn(zsl), attn(icl), attn(other))),
-      "random_simaou": metrics.random_simaou_per_layer(attn(zsl), attn(icl), _metric_key(seed, salt + "/simaou"),
-                                                       config.random_baseline).to_record(),
-      "simam": _layer_record(metrics.simam_per_layer(icl_scores, other_scores)),
-      "zsl_simam": _layer_record(metrics.zsl_simam_per_layer(icl_scores, zsl_scores)),
-      "simam_delta": _layer_record(metrics.simam_delta_per_layer(icl_scores, other_scores, zsl_scores)),
+      "simaou": _layer_record(ops.simaou_per_layer(attn(zsl), attn(icl), attn(other))),
+      "random_simaou": ops.random_simaou_per_layer(attn(zsl), attn(icl), _metric_key(seed, salt + "/simaou"),
+                                                   config.random_baseline).to_record(),
+      "simam": _layer_record(ops.simam_per_layer(icl_scores, other_scores)),
+      "zsl_simam": _layer_record(ops.zsl_simam_per_layer(icl_scores, zsl_scores)),
+      "simam_delta": _layer_record(ops.simam_delta_per_layer(icl_scores, other_scores, zsl_scores)),
   }
   if pairing is not None:
     block["shuffled"] = {
         "pairing": "derangement", "derangement_seed": int(seed),
-        "simaou": _layer_record(metrics.simaou_per_layer(attn(zsl), attn(icl), attn(other), pairing=pairing)),
-        "simam": _layer_record(metrics.simam_per_layer(icl_scores, other_scores, pairing=pairing)),
-        "simam_delta": _layer_record(metrics.simam_delta_per_layer(icl_scores, other_scores, zsl_scores,
-                                                                   pairing=pairing)),
+        "simaou": _layer_record(ops.simaou_per_layer(attn(zsl), attn(icl), attn(other), pairing=pairing)),
+        "simam": _layer_record(ops.simam_per_layer(icl_scores, other_scores, pairing=pairing)),
+        "simam_delta": _layer_record(ops.simam_delta_per_layer(icl_scores, other_scores, zsl_scores,
+                                                               pairing=pairing)),
     }
   return block
 
@@ -414,6 +430,7 @@ def _similarity(zsl, icl, other, position: int, *, seed: int, salt: str, config,
 def _kendall(icl, other, position: int, *, contexts, icl_name: str, other_name: str, train_queries, seed: int,
              salt: str, config) -> dict:
   """Kendall τ (token and example level, with random baselines and top-k recall) of one comparison."""
+  ops = _analysis_ops(config)
   reference = contexts[icl_name]
   icl_context_scores = icl.records["context_scores"][:, :, position]  # [N, L, C]
   max_examples = config.kendall_max_examples or None
@@ -421,10 +438,10 @@ def _kendall(icl, other, position: int, *, contexts, icl_name: str, other_name: 
   pairing = metrics.derangement(count, seed) if config.shuffled_pairing and count >= 2 else None
   if not SETTINGS[other_name].is_icl:
     test_queries = other.records["queries"][:, :, position]  # [N, L, Dq]
-    train = np.swapaxes(train_queries[other_name], 0, 1)  # [T, L, Dq] -> [L, T, Dq]
+    train = train_queries[other_name].swapaxes(0, 1)  # [T, L, Dq] -> [L, T, Dq] (numpy, or on the device)
     report = lambda pairing, salt, baselines: metrics.training_attention_report(
         icl_context_scores, reference.demo_token_positions, reference.demo_lengths, test_queries, train,
-        _metric_key(seed, salt), max_examples=max_examples, pairing=pairing, baselines=baselines)
+        _metric_key(seed, salt), max_examples=max_examples, pairing=pairing, baselines=baselines, ops=ops)
     block = {"kendall_source": "w_FT = softmax_j(q_test . q_j) over the FT-run queries of the demo tokens",
              **report(None, salt + "/kendall", True)}
     if pairing is not None:  # the random baselines do not depend on the pairing: computed once, above
@@ -432,19 +449,19 @@ def _kendall(icl, other, position: int, *, contexts, icl_name: str, other_name: 
     return block
   # ICL-vs-ICL ceiling: the other run's attention to the same demo tokens, in the reference token order.
   other_context = contexts[other_name]
-  w_icl = metrics.icl_training_attention(icl_context_scores, reference.demo_token_positions)
-  w_other = metrics.icl_training_attention(other.records["context_scores"][:, :, position],
-                                           _aligned_positions(reference, other_context))
+  w_icl = ops.icl_training_attention(icl_context_scores, reference.demo_token_positions)
+  w_other = ops.icl_training_attention(other.records["context_scores"][:, :, position],
+                                       _aligned_positions(reference, other_context))
   lengths = reference.demo_lengths
   block = {"kendall_source": "w_other = softmax over the same demo tokens in the other ICL run's context",
            "max_examples": max_examples, "num_examples": count}
   for level, (first, second) in {"token": (w_icl, w_other),
-                                 "example": (metrics.example_level(w_icl, lengths),
-                                             metrics.example_level(w_other, lengths))}.items():
+                                 "example": (ops.example_level(w_icl, lengths),
+                                             ops.example_level(w_other, lengths))}.items():
     block[level] = {
-        "kendall": _layer_record(metrics.kendall_per_layer(first, second, max_examples)),
-        "random_kendall": metrics.random_kendall_per_layer(first, _metric_key(seed, f"{salt}/{level}"),
-                                                           max_examples).to_record()}
+        "kendall": _layer_record(ops.kendall_per_layer(first, second, max_examples)),
+        "random_kendall": ops.random_kendall_per_layer(first, _metric_key(seed, f"{salt}/{level}"),
+                                                       max_examples).to_record()}
   return block
 
 
@@ -527,7 +544,8 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
     if setting.weights == "finetuned":
       objective = setting.objective or config.objective
       ft_config = finetune_lib.FinetuneConfig(learning_rate=learning_rate["value"], trainable=config.trainable,
-                                              objective=objective, bucket_multiple=config.ft_bucket_multiple)
+                                              objective=objective, bucket_multiple=config.ft_bucket_multiple,
+                                              queries_on_device=_analysis_ops(config) is metrics_device)
       log(f"[{run_id}] {name}: finetuning on {len(sequences)} demonstrations ({objective}, "
           f"lr {learning_rate['value']:g})")
       trained = finetune_lib.finetune(prepared.model, list(sequences), ft_config, has_bos=sequences.bos, log=log)
@@ -746,6 +764,7 @@ def _results(prepared: _Prepared, run_records: list[dict], learning_rate: dict, 
       "precision_note": "float32 parameters and compute (project default)" if config.dtype == "float32" else
                         f"{config.dtype} parameters and compute: a deviation from the f32 default (§5, §7)",
       "random_baseline": config.random_baseline, "learning_rate": learning_rate,
+      "analysis_backend": config.get("analysis", "host"),
       "runs": run_records, "aggregate": _aggregate(run_records),
       "environment": environment,
       "timings": {"wall_seconds": wall, "load_seconds": load_seconds, "compute_seconds": compute_seconds,
@@ -858,7 +877,8 @@ def plan(config) -> dict:
 
   def buckets(context_length: int) -> list[int]:
     """Padded query lengths the evaluation will compile after a context of this many tokens."""
-    return sorted({evaluate_lib.bucket_length(length, config.eval_minimum_bucket, maximum=max_len - context_length)
+    return sorted({evaluate_lib.bucket_length(length, config.eval_minimum_bucket, maximum=max_len - context_length,
+                                              midpoints=config.get("eval_bucket_midpoints", True))
                    for length in lengths})
 
   return {

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from dualform.models.transformer import KVCache, RecordSpec, Transformer
+from dualform.static import Hashed, interned
 
 POSITIONS: tuple[str, str] = ("pred_pos", "label_pos")
 
@@ -69,7 +70,7 @@ class EvalResult:
   predictions: [N] int, argmax of label_scores (ties to the lowest index).
   query_lengths: [N] int, length of ``query_input + [label_0]`` (the query part of the scores).
   context_length: c, tokens before the query.
-  records: name -> array, see the module docstring.
+  records: name -> array (numpy; ``jax.Array`` with ``records_on_device``), see the module docstring.
   seconds: wall time of the evaluation; traces: distinct (bucket, batch) shapes run.
   """
 
@@ -85,17 +86,19 @@ class EvalResult:
     return float(100.0 * np.mean(self.predictions == np.asarray(gold)))
 
 
-def bucket_length(length: int, minimum: int = 16, maximum: int | None = None) -> int:
-  """Padded length of a batch: the smallest of ``minimum * {1, 1.5, 2, 3, 4, 6, ...}`` >= ``length``,
-  capped at ``maximum`` (the room left in the model's context after the shared prefix) when given and
-  ``length`` fits (a longer sequence keeps its bucket: the model then reports it as too long).
+def bucket_length(length: int, minimum: int = 16, maximum: int | None = None, midpoints: bool = True) -> int:
+  """Padded length of a batch: the smallest of ``minimum * {1, 1.5, 2, 3, 4, 6, ...}`` >= ``length``
+  (``minimum * {1, 2, 4, ...}`` without ``midpoints``), capped at ``maximum`` (the room left in the model's
+  context after the shared prefix) when given and ``length`` fits (a longer sequence keeps its bucket: the
+  model then reports it as too long).
 
   Powers of two with their 1.5x midpoints waste at most a third of a batch on padding while keeping the
-  number of compiled shapes logarithmic in the longest prompt.
+  number of compiled shapes logarithmic in the longest prompt; powers of two alone halve the shapes
+  (GPUs, where a shape costs seconds to compile) for up to half a batch of padding.
   """
   size = minimum
   while size < length:
-    if size * 3 // 2 >= length and (size * 3) % 2 == 0:
+    if midpoints and size * 3 // 2 >= length and (size * 3) % 2 == 0:
       size = size * 3 // 2
       break
     size *= 2
@@ -111,9 +114,9 @@ def _single_label_ids(label_tokens: Sequence[Sequence[int]]) -> tuple[bool, np.n
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_prefix(graphdef, state, tokens, valid_length=None) -> KVCache:
+def _encode_prefix(graphdef: Hashed, state, tokens, valid_length=None) -> KVCache:
   """Jitted :meth:`Transformer.encode_prefix` of one context [1, C] (one compile per C), optionally padded."""
-  return nnx.merge(graphdef, state).encode_prefix(tokens, valid_length)
+  return nnx.merge(graphdef.value, state).encode_prefix(tokens, valid_length)
 
 
 def padded_prefix_length(length: int, multiple: int | None, max_len: int) -> int:
@@ -126,10 +129,11 @@ def padded_prefix_length(length: int, multiple: int | None, max_len: int) -> int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "record"))
-def _score_batch(graphdef, state, cache: KVCache | None, tokens, lengths, label_ids, *,
+def _score_batch(graphdef: Hashed, state, cache: KVCache | None, tokens, lengths, label_ids, *,
                  record: EvalRecordSpec):
-  """One right-padded batch [B, T] against an optional shared cache: label scores [B, C] and records."""
-  model = nnx.merge(graphdef, state)
+  """One right-padded batch [B, T] against an optional shared cache: label scores [B, C] and records.
+  ``graphdef``: the model's interned (hash-once) GraphDef."""
+  model = nnx.merge(graphdef.value, state)
   batch, seq = tokens.shape
   context = 0 if cache is None else cache.length
   pred_pos = lengths - 2
@@ -157,9 +161,9 @@ def _score_batch(graphdef, state, cache: KVCache | None, tokens, lengths, label_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _token_log_probs(graphdef, state, cache: KVCache | None, tokens):
+def _token_log_probs(graphdef: Hashed, state, cache: KVCache | None, tokens):
   """Teacher-forced log p(tokens[:, 1:]) [B, T-1] of a right-padded batch (multi-token label path)."""
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef.value, state)
   logits = model.forward(tokens, cache=cache).logits.astype(jnp.float32)
   log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   return jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -170,10 +174,13 @@ def _batches(lengths: np.ndarray, tokens_per_batch: int, row_multiple: int, buck
              score_budget: int | None = None):
   """Groups example indices by bucket length: yields (bucket, rows, indices) with len(indices) <= rows.
 
-  Rows are ``tokens_per_batch // bucket``, at most ``score_budget // scores_per_row(bucket)`` when given
-  (so a bucket's rows do not depend on the other buckets, and shapes repeat across tasks). Unless
-  ``fixed_rows``, a bucket with fewer examples gets fewer rows (less padding, but one more compiled shape
-  per distinct row count).
+  Full rows are ``tokens_per_batch // bucket``, at most ``score_budget // scores_per_row(bucket)`` when given
+  (so a bucket's rows do not depend on the other buckets, and shapes repeat across tasks). Without
+  ``fixed_rows`` a bucket with fewer examples gets exactly as many rows (rounded to ``row_multiple``) and
+  every batch of a bucket has the same rows (one compiled shape per bucket and example count). With
+  ``fixed_rows`` the full rows are kept and only the last batch of a bucket is rounded up to half of them or
+  to all (two shapes per bucket at most, shared by every task and setting: on a GPU a shape costs seconds to
+  compile and about half a second to load from the persistent cache, more than the padding rows cost).
   """
   buckets = np.asarray([bucketing(int(n)) for n in lengths])
   for bucket in sorted(set(buckets.tolist())):
@@ -184,8 +191,11 @@ def _batches(lengths: np.ndarray, tokens_per_batch: int, row_multiple: int, buck
     rows = max(row_multiple, rows // row_multiple * row_multiple)
     if not fixed_rows:
       rows = min(rows, -(-len(indices) // row_multiple) * row_multiple)
+    grain = max(row_multiple, rows // 2 // row_multiple * row_multiple)
     for start in range(0, len(indices), rows):
-      yield bucket, rows, indices[start:start + rows]
+      left = len(indices) - start
+      batch_rows = rows if left >= rows or not fixed_rows else -(-left // grain) * grain
+      yield bucket, batch_rows, indices[start:start + batch_rows]
 
 
 def _pad_rows(sequences: list[Sequence[int]], bucket: int, rows: int, pad_id: int):
@@ -202,9 +212,10 @@ def _pad_rows(sequences: list[Sequence[int]], bucket: int, rows: int, pad_id: in
 def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
              label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
              tokens_per_batch: int = 4096, score_budget: int | None = None, minimum_bucket: int = 16,
+             bucket_midpoints: bool = True,
              pad_id: int = 0,
              allow_multitoken_labels: bool = False, shard_batch: Callable | None = None, row_multiple: int = 1,
-             fixed_rows: bool = False, prefix_multiple: int | None = None,
+             fixed_rows: bool = False, prefix_multiple: int | None = None, records_on_device: bool = False,
              progress: Callable[[int], None] | None = None) -> EvalResult:
   """Scores every query after one shared context (PROTOCOL.md §5), with records from the same pass.
 
@@ -216,14 +227,18 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     record: which records to keep (requires single-token labels).
     tokens_per_batch: rows per batch = tokens_per_batch // bucket length (rounded to row_multiple).
     score_budget: cap on rows * heads * T * (C + T) attention scores per batch (T the bucket length).
+    bucket_midpoints: whether the bucket ladder has the 1.5x midpoints (:func:`bucket_length`).
     minimum_bucket: smallest padded length; padded lengths follow :func:`bucket_length`, capped at the
       model context left after ``context`` (not capped with ``prefix_multiple``).
     allow_multitoken_labels: score multi-token labels by mean teacher-forced log-prob, one pass per candidate.
     shard_batch: optional function placing a host batch on the mesh (``dualform.sharding.shard_batch``).
     row_multiple: rows per batch are a multiple of this (the data-parallel device count).
-    fixed_rows: pad every batch of a bucket to the full rows (one compiled shape per bucket; GPU).
+    fixed_rows: round the rows of a bucket's last batch up to half or all of the full rows instead of to the
+      exact count (at most two compiled shapes per bucket, shared by every task; GPU).
     prefix_multiple: cache the context right-padded to a multiple of this (at most the model context),
       with the padding masked, so contexts of different lengths share compiled shapes (GPU); same results.
+    records_on_device: keep the records as device arrays (``jax.Array``, for :mod:`dualform.metrics_device`)
+      instead of copying them to host numpy; label scores and predictions are numpy either way.
     progress: called with the number of examples finished (read back) after each batch.
   """
   start = time.perf_counter()
@@ -237,6 +252,7 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
   if any(len(query) == 0 for query in query_inputs):
     raise ValueError("an empty query input; every example needs at least one prompt token")
   graphdef, state = nnx.split(model)
+  graphdef = interned(graphdef)
   context = list(context)
   cached_length = padded_prefix_length(len(context), prefix_multiple, model.config.max_len)
   longest = len(context) + max(len(query) for query in query_inputs) + max(len(label) for label in label_tokens)
@@ -249,20 +265,21 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
   else:
     padded = context + [pad_id] * (cached_length - len(context))
     cache = _encode_prefix(graphdef, state, jnp.asarray([padded], jnp.int32), jnp.asarray(len(context), jnp.int32))
-  place = shard_batch or (lambda array: jnp.asarray(array))
+  place = shard_batch or jax.device_put
   # Positions left for a query after the context cap the buckets; a padded cache needs no cap (its
   # continuations start at the valid length and only padding rows reach past the model context), so every
   # context shares the same bucket ladder.
   room = None if prefix_multiple else model.config.max_len - len(context)
   heads = model.config.num_heads
   batching = functools.partial(_batches, tokens_per_batch=tokens_per_batch, row_multiple=row_multiple,
-                               bucketing=functools.partial(bucket_length, minimum=minimum_bucket, maximum=room),
+                               bucketing=functools.partial(bucket_length, minimum=minimum_bucket, maximum=room,
+                                                           midpoints=bucket_midpoints),
                                fixed_rows=fixed_rows, score_budget=score_budget,
                                scores_per_row=lambda bucket: heads * bucket * (cached_length + bucket))
   if single:
     sequences = [list(query) + [int(label_ids[0])] for query in query_inputs]
     result = _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
-                              progress, len(context))
+                              progress, len(context), records_on_device)
   else:
     result = _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, batching, pad_id, place,
                                   progress)
@@ -271,27 +288,49 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
   return result
 
 
+def _fit_last_axis(array, length: int):
+  """``array`` (numpy or jax) cut or zero-padded to ``length`` on its last axis."""
+  if array.shape[-1] >= length:
+    return array[..., :length]
+  pad = jnp.pad if isinstance(array, jax.Array) else np.pad
+  return pad(array, [(0, 0)] * (array.ndim - 1) + [(0, length - array.shape[-1])])
+
+
 def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
-                     progress, context_length: int) -> EvalResult:
+                     progress, context_length: int, records_on_device: bool = False) -> EvalResult:
   lengths = np.asarray([len(sequence) for sequence in sequences])
   count, query_max = len(sequences), int(lengths.max())
-  label_ids_device = jnp.asarray(label_ids)
+  # Label slots padded to a power of two (at least 8) by repeating label 0, so tasks with 2, 3, 4 or 5
+  # labels share compiled shapes; the padding columns are dropped on the host.
+  slots = max(8, 1 << (len(label_ids) - 1).bit_length())
+  label_ids_device = jnp.asarray(np.concatenate([label_ids, np.full(slots - len(label_ids), label_ids[0])]))
   collected: dict[str, np.ndarray] = {}
-  pending, shapes, done = [], set(), 0
+  on_device: dict[str, list] = {}  # records_on_device: name -> whole batches as computed, in batch order
+  example_rows = np.empty((count,), np.int64)  # records_on_device: row of each example in those batches
+  pending, shapes, done, rows_so_far = [], set(), 0, 0
+
+  def trim(name, value):
+    """Drops the padding keys of a record: a padded cache's context keys, query keys past query_max."""
+    if name == "context_scores":
+      return value[..., :context_length]
+    return _fit_last_axis(value, query_max) if name == "query_scores" else value
 
   def collect(indices, outputs):
-    """Copies one finished batch into the per-example arrays (blocks until the device is done with it)."""
+    """Copies one finished batch into the per-example arrays (blocks until the device is done with it);
+    with records_on_device only the label scores are copied and the records stay whole on the device."""
+    nonlocal rows_so_far
     for name, value in outputs.items():
-      value = np.asarray(value)[:len(indices)]
-      if name == "context_scores":  # a padded cache also scored its padding keys
-        value = value[..., :context_length]
-      if name == "query_scores":
-        value = value[..., :query_max]
-        if value.shape[-1] < query_max:
-          value = np.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, query_max - value.shape[-1])])
+      if records_on_device and name != "label_scores":
+        on_device.setdefault(name, []).append(value)
+        continue
+      value = trim(name, np.asarray(value)[:len(indices)])
+      if name == "label_scores":
+        value = value[:, :len(label_ids)]
       if name not in collected:
         collected[name] = np.zeros((count,) + value.shape[1:], np.float32)
       collected[name][indices] = value
+    example_rows[indices] = rows_so_far + np.arange(len(indices))
+    rows_so_far += len(outputs["label_scores"])
 
   for bucket, rows, indices in batching(lengths):
     tokens, batch_lengths = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
@@ -310,9 +349,16 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batch
     done += len(finished)
     if progress is not None:
       progress(done)
+  if on_device:  # whole batches -> example order with one gather per record (few small device programs)
+    gather = jnp.asarray(example_rows)
+    for name, parts in on_device.items():
+      if name == "query_scores":  # buckets differ in length: pad each batch's keys to the longest
+        widest = max(part.shape[-1] for part in parts)
+        parts = [_fit_last_axis(part, widest) for part in parts]
+      collected[name] = trim(name, jnp.concatenate(parts)[gather])
   if "query_scores" in collected:  # zero the keys beyond each example's query part
     valid = np.arange(query_max)[None, :] < lengths[:, None]
-    collected["query_scores"] *= valid[:, None, None, None, :]
+    collected["query_scores"] = collected["query_scores"] * valid[:, None, None, None, :]
   label_scores = collected.pop("label_scores")
   return EvalResult(label_scores=label_scores, predictions=np.argmax(label_scores, axis=1),
                     query_lengths=lengths, context_length=0, records=collected, traces=len(shapes))
@@ -351,6 +397,7 @@ def evaluate_full_sequences(model: Transformer, context: Sequence[int], query_in
   if not single:
     raise ValueError("the full-sequence reference supports single-token labels only")
   graphdef, state = nnx.split(model)
+  graphdef = interned(graphdef)
   context = list(context)
   label_ids_device = jnp.asarray(label_ids)
   rows, shapes = [], set()

@@ -38,6 +38,7 @@ from flax import nnx
 
 from dualform import params as params_lib
 from dualform.models.transformer import RecordSpec, Transformer
+from dualform.static import interned
 
 KV_PATTERN = params_lib.TRAINABLE_KV
 OBJECTIVES: tuple[str, ...] = ("causal_lm", "lcgd")
@@ -52,6 +53,8 @@ class FinetuneConfig:
     trainable: anchored regex over parameter paths (``layers/3/attn/k_proj/kernel``); the rest is frozen.
     objective: ``"causal_lm"`` (§7) or ``"lcgd"`` (§15.1).
     record_queries: record the demo tokens' scaled pre-RoPE queries before each update.
+    queries_on_device: return those queries as a device array (for :mod:`dualform.metrics_device`) instead of
+      copying them to host numpy.
     bucket_multiple: sequences are padded to the longest one rounded up to a multiple of this.
   """
 
@@ -59,6 +62,7 @@ class FinetuneConfig:
   trainable: str = KV_PATTERN
   objective: str = "causal_lm"
   record_queries: bool = True
+  queries_on_device: bool = False
   bucket_multiple: int = 32
 
   def __post_init__(self):
@@ -76,7 +80,8 @@ class FinetuneResult:
 
   model: the finetuned model (a new object; the input model is not modified).
   losses: [k] loss of each step (before its update).
-  queries: [T, L, heads * head_dim] (>= float32) queries of every demo token, demos in order (None if off).
+  queries: [T, L, heads * head_dim] (>= float32) queries of every demo token, demos in order (None if off;
+    a ``jax.Array`` with ``queries_on_device``).
   demo_token_counts: [k] number of demo tokens (query rows) of each demonstration.
   trainable_names: resolved trainable parameter paths; trainable_count: their number of values.
   seconds: wall time; traces: how many times the step was traced.
@@ -84,7 +89,7 @@ class FinetuneResult:
 
   model: Transformer
   losses: np.ndarray
-  queries: np.ndarray | None
+  queries: np.ndarray | jax.Array | None
   demo_token_counts: np.ndarray
   trainable_names: list[str]
   trainable_count: int
@@ -123,14 +128,15 @@ _SGD = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
 @functools.partial(jax.jit, static_argnames=("graphdef", "objective", "record_queries"))
 def _train_step(graphdef, trainable, frozen, optimizer_state, tokens, loss_mask, *, objective: str,
                 record_queries: bool):
-  """One SGD step on one right-padded sequence [1, T]: (trainable, optimizer_state, loss, queries [T, L, D])."""
+  """One SGD step on one right-padded sequence [1, T]: (trainable, optimizer_state, loss, queries [T, L, D]).
+  ``graphdef``: the model's interned (hash-once) GraphDef."""
   _TRACES["step"] += 1
   seq = tokens.shape[1]
   record = RecordSpec(queries=True) if record_queries else None
   record_positions = jnp.arange(seq, dtype=jnp.int32)[None] if record_queries else None
 
   def loss_fn(trainable_params):
-    model = nnx.merge(graphdef, trainable_params, frozen)
+    model = nnx.merge(graphdef.value, trainable_params, frozen)
     if objective == "lcgd":
       layer_logits, records = _lcgd_forward(model, tokens, record, record_positions)
       loss = sum(sequence_loss(logits, tokens, loss_mask) for logits in layer_logits)
@@ -182,6 +188,7 @@ def finetune(model: Transformer, sequences: Sequence[Sequence[int]], config: Fin
   # A strongly typed scalar (float64 under x64), so the first and later steps share one trace.
   optimizer_state.hyperparams["learning_rate"] = jnp.asarray(config.learning_rate, dtype=float)
 
+  static_graph = interned(graphdef)
   longest = max(len(sequence) for sequence in sequences)
   bucket = -(-longest // config.bucket_multiple) * config.bucket_multiple
   first_demo_token = 1 if has_bos else 0
@@ -193,18 +200,25 @@ def finetune(model: Transformer, sequences: Sequence[Sequence[int]], config: Fin
     loss_mask = np.zeros((1, bucket), np.int32)
     loss_mask[0, 1:len(sequence)] = 1  # targets: every token after the first (after <s>/BOS when present)
     trainable, optimizer_state, loss, step_queries = _train_step(
-        graphdef, trainable, frozen, optimizer_state, jnp.asarray(tokens), jnp.asarray(loss_mask),
+        static_graph, trainable, frozen, optimizer_state, jax.device_put(tokens), jax.device_put(loss_mask),
         objective=config.objective, record_queries=config.record_queries)
     losses.append(loss)
     if config.record_queries:
-      queries.append(step_queries[first_demo_token:len(sequence)])
+      queries.append(step_queries)  # [bucket, L, D]: cut to the demo tokens after the loop, in one gather
     counts.append(len(sequence) - first_demo_token)
   model = nnx.merge(graphdef, trainable, frozen)
   losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"finetuning loss is not finite at step {int(np.argmin(np.isfinite(losses)))}; "
                              "lower the learning rate")
-  all_queries = np.concatenate([np.asarray(q) for q in queries], axis=0) if config.record_queries else None
+  all_queries = None
+  if config.record_queries:  # rows step * bucket + position of every demo token, gathered on the device
+    rows = np.concatenate([step * bucket + np.arange(first_demo_token, len(sequence))
+                           for step, sequence in enumerate(sequences)])
+    stacked = jnp.stack(queries)  # [steps, bucket, L, D]
+    all_queries = stacked.reshape((-1,) + stacked.shape[2:])[jax.device_put(rows)]
+    if not config.queries_on_device:
+      all_queries = np.asarray(all_queries)
   return FinetuneResult(model=model, losses=losses, queries=all_queries, demo_token_counts=np.asarray(counts),
                         trainable_names=list(selection.paths), trainable_count=int(selection.count),
                         seconds=time.perf_counter() - start, traces=_TRACES["step"] - traces_before)

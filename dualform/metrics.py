@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from typing import Literal
 
@@ -304,10 +305,12 @@ def simaou_per_layer(zsl, icl, ft, pairing=None) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class RandomBaseline:
-  """A seeded random baseline: per-layer values, the distribution and the key (raw words) it used."""
+  """A seeded random baseline: per-layer values, the distribution, the key (raw words) and the generator
+  that drew from it (``"numpy"``: a Generator seeded with ``fold_in(key, l)``'s words; ``"jax.random"``)."""
   per_layer: np.ndarray
   distribution: str
   key: list[int]
+  generator: str = "numpy"
 
   @property
   def mean(self) -> float:
@@ -315,7 +318,7 @@ class RandomBaseline:
 
   def to_record(self) -> dict:
     return {"per_layer": [float(v) for v in self.per_layer], "mean": self.mean,
-            "distribution": self.distribution, "key": self.key}
+            "distribution": self.distribution, "key": self.key, "generator": self.generator}
 
 
 @jax.jit
@@ -625,7 +628,8 @@ def random_topk_recall_per_layer(w_ft, k: int, key, max_examples: int | None = N
 
 def training_attention_report(context_scores, demo_token_positions, demo_lengths, test_queries,
                               train_queries, key, *, max_examples: int | None = None, pairing=None,
-                              token_top_k: int = 100, example_top_k: int = 5, baselines: bool = True) -> dict:
+                              token_top_k: int = 100, example_top_k: int = 5, baselines: bool = True,
+                              ops=None) -> dict:
   """Kendall tau and top-k recall between w_ICL and w_FT at token and example level, with baselines.
 
   Inputs as in ``icl_training_attention`` / ``ft_training_attention`` / ``example_level``; the example
@@ -635,13 +639,16 @@ def training_attention_report(context_scores, demo_token_positions, demo_lengths
   and means of ``kendall``, ``random_kendall``, ``recall_topk`` and ``random_recall_topk`` (k =
   ``token_top_k`` / ``example_top_k``, clipped to the number of items). ``baselines=False`` leaves out the
   two random baselines (they do not depend on ``pairing``: a shuffled report reuses the unshuffled ones).
+  ``ops``: the module whose metric functions compute it (this one, or :mod:`dualform.metrics_device`).
   """
+  ops = ops or _THIS_MODULE
   n = _limit(len(context_scores), max_examples)
   if len(test_queries) != len(context_scores):
     raise ValueError(f"context_scores has {len(context_scores)} examples but test_queries {len(test_queries)}; "
                      f"pass the same evaluated examples")
-  w_icl_tokens = icl_training_attention(np.asarray(context_scores)[:n], demo_token_positions)
-  w_ft_tokens = ft_training_attention(np.asarray(test_queries)[:n], train_queries)
+  first = lambda array: (array if hasattr(array, "shape") else np.asarray(array))[:n]
+  w_icl_tokens = ops.icl_training_attention(first(context_scores), demo_token_positions)
+  w_ft_tokens = ops.ft_training_attention(first(test_queries), train_queries)
   if w_icl_tokens.shape != w_ft_tokens.shape:
     raise ValueError(f"ICL sees {w_icl_tokens.shape[-1]} demo tokens but FT trained on "
                      f"{w_ft_tokens.shape[-1]}; use the same packed demonstrations for both")
@@ -649,18 +656,18 @@ def training_attention_report(context_scores, demo_token_positions, demo_lengths
   report = {"max_examples": max_examples, "num_examples": n,
             "paired": "shuffled" if pairing is not None else "identity"}
   levels = {"token": (w_icl_tokens, w_ft_tokens, token_top_k),
-            "example": (example_level(w_icl_tokens, demo_lengths), example_level(w_ft_tokens, demo_lengths),
+            "example": (ops.example_level(w_icl_tokens, demo_lengths), ops.example_level(w_ft_tokens, demo_lengths),
                         example_top_k)}
   for level_index, (level, (w_icl, w_ft, top_k)) in enumerate(levels.items()):
     top_k = min(top_k, w_icl.shape[-1])
     level_key = jax.random.fold_in(key, level_index)
-    kendall = kendall_per_layer(w_icl, w_ft, max_examples, pairing)
-    recall = topk_recall_per_layer(w_icl, w_ft, top_k, max_examples, pairing)
+    kendall = ops.kendall_per_layer(w_icl, w_ft, max_examples, pairing)
+    recall = ops.topk_recall_per_layer(w_icl, w_ft, top_k, max_examples, pairing)
     report[level] = {"kendall": _per_layer_record(kendall), "top_k": top_k, "recall_topk": _per_layer_record(recall)}
     if baselines:
-      report[level]["random_kendall"] = random_kendall_per_layer(w_icl, jax.random.fold_in(level_key, 0),
-                                                                 max_examples).to_record()
-      report[level]["random_recall_topk"] = random_topk_recall_per_layer(
+      report[level]["random_kendall"] = ops.random_kendall_per_layer(w_icl, jax.random.fold_in(level_key, 0),
+                                                                     max_examples).to_record()
+      report[level]["random_recall_topk"] = ops.random_topk_recall_per_layer(
           w_ft, top_k, jax.random.fold_in(level_key, 1), max_examples).to_record()
   return report
 
@@ -757,3 +764,6 @@ def mean_std(values, ddof: int = 1) -> dict:
   if array.ndim == 1:
     return {"mean": float(mean), "std": float(std), "n": n}
   return {"mean": mean.tolist(), "std": std.tolist(), "n": n}
+
+
+_THIS_MODULE = sys.modules[__name__]

@@ -55,18 +55,20 @@ flags.DEFINE_string("mesh", None, "data-parallel mesh, e.g. data=8 (default: one
 flags.DEFINE_integer("eval_tokens_per_batch", None, "evaluation batch size in padded tokens (default 4096)")
 flags.DEFINE_integer("eval_score_budget", None, "cap on rows * heads * T * (C + T) score elements per batch")
 flags.DEFINE_integer("eval_minimum_bucket", None, "smallest padded query length (default 16; larger on GPUs: fewer compiled shapes)")
-flags.DEFINE_bool("eval_fixed_rows", None, "pad every evaluation batch to full rows (GPU: fewer compiled shapes)")
+flags.DEFINE_bool("eval_fixed_rows", None, "give a bucket's last evaluation batch half or all the full rows (GPU: at most two shapes per bucket)")
+flags.DEFINE_bool("eval_bucket_midpoints", None, "bucket ladder with 1.5x midpoints (default); --noeval_bucket_midpoints: powers of two (GPU: half the shapes)")
 flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
 flags.DEFINE_integer("eval_prefix_multiple", None, "cache ICL contexts right-padded to a multiple of this (0: off; GPU: one shape for every task)")
 flags.DEFINE_bool("save_records", None, "write records/*.npz, the per-example analysis arrays (default true)")
 flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; the program holds one layer body whatever the depth)")
+flags.DEFINE_enum("analysis", None, ["host", "device"], "metrics in float64 numpy on the host (default) or in float32 jax on the device (GPU: records stay there)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
 _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sweep", "lr_heldout_examples",
               "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
-              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "eval_fixed_rows",
-              "ft_bucket_multiple", "eval_prefix_multiple", "scan_layers", "save_records", "trust_pickle")
+              "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "eval_fixed_rows", "eval_bucket_midpoints",
+              "ft_bucket_multiple", "eval_prefix_multiple", "scan_layers", "save_records", "analysis", "trust_pickle")
 
 
 def _model_slug(model: str) -> str:
@@ -101,6 +103,23 @@ def build_configs() -> list[tuple[object, pathlib.Path]]:
   return result
 
 
+def _loader_once():
+  """``load_pretrained`` remembering what it loaded: ``--task all`` reads (or initialises) the model once.
+
+  Safe because a run never modifies the loaded model (FT trains a copy; the untrained control is a clone).
+  """
+  from dualform.loading import load_pretrained
+  loaded = {}
+
+  def load(name, **kwargs):
+    key = (str(name), tuple(sorted(kwargs.items())))
+    if key not in loaded:
+      loaded[key] = load_pretrained(name, **kwargs)
+    return loaded[key]
+
+  return load
+
+
 def _dry_run(config, workdir) -> None:
   from dualform import compare
   plan = compare.plan(config)
@@ -121,6 +140,7 @@ def main(argv):
 
   try:
     jobs = build_configs()
+    load = _loader_once()
     for config, workdir in jobs:  # refuse existing folders before any work
       compare.validate_config(config)
       if not FLAGS.dry_run:
@@ -131,7 +151,7 @@ def main(argv):
         _dry_run(config, workdir)
         continue
       results = compare.run(config, workdir, overwrite=FLAGS.overwrite, finalize=[plot.plot_run],
-                            log=logging.info)
+                            log=logging.info, load_pretrained=load)
       print(compare.summary_markdown(results), flush=True)
   except (ValueError, FileNotFoundError, KeyError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -119,6 +119,34 @@ def test_accelerator_options_change_speed_not_results(tmp_path):
       assert second["headline"][name] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), name
 
 
+def test_device_analysis_equals_host_analysis(tmp_path):
+  """--analysis device (float32 jax, records kept on the device) reproduces the host's float64 metrics to
+  float32 accuracy on every comparison, including the ICL-vs-ICL ceiling; its random baselines are drawn
+  with jax.random from the same keys (other values, same record layout)."""
+  data_dir = write_cb(tmp_path / "data")
+  kwargs = dict(settings="zsl,ft,icl,icl_perm", lr=0.01, matmul_precision="highest")
+  on_host = compare.run(_config(data_dir, "random:tiny-llama", **kwargs), tmp_path / "host",
+                        load_pretrained=cached_loader)
+  on_device = compare.run(_config(data_dir, "random:tiny-llama", analysis="device", **kwargs),
+                          tmp_path / "device", load_pretrained=cached_loader)
+  assert on_host["analysis_backend"] == "host" and on_device["analysis_backend"] == "device"
+  first, second = on_host["runs"][0], on_device["runs"][0]
+  assert first["headline"].keys() == second["headline"].keys()
+  for name, value in first["headline"].items():
+    if "random_" in name:
+      continue
+    if value is None:
+      assert second["headline"][name] is None, name
+    else:
+      assert second["headline"][name] == pytest.approx(value, abs=2e-6, nan_ok=True), name
+  for comparison in ("icl_vs_ft", "icl_vs_icl_perm"):
+    block_host, block_device = first["metrics"][comparison]["pred_pos"], second["metrics"][comparison]["pred_pos"]
+    assert block_device["random_simaou"]["generator"] == "jax.random"
+    assert block_device["random_simaou"]["key"] == block_host["random_simaou"]["key"]
+    assert block_device["kendall"]["token"]["random_kendall"]["generator"] == "jax.random"
+    assert abs(block_device["random_simaou"]["mean"]) < 1
+
+
 def test_existing_folder_refused_and_overwrite(tmp_path):
   data_dir = write_cb(tmp_path / "data")
   workdir = tmp_path / "run"

@@ -109,3 +109,17 @@ def test_existing_run_folder_refused(tmp_path, cli):
   _assert_error(cli("--task", "cb", "--model", "random:tiny-llama", "--data_dir", str(data_dir), "--workdir",
                     str(workdir)), "already exists")
   assert [path.name for path in workdir.iterdir()] == ["old.txt"]
+
+
+def test_task_all_loads_the_model_once(monkeypatch):
+  """--task all shares one loaded model between the tasks (one read of the checkpoint, one random init)."""
+  from dualform import loading
+  from experiments import compare as cli_module
+
+  calls = []
+  monkeypatch.setattr(loading, "load_pretrained", lambda name, **kwargs: calls.append((name, kwargs)) or object())
+  load = cli_module._loader_once()  # pylint: disable=protected-access
+  first = load("random:tiny-llama", dtype="float32")
+  assert load("random:tiny-llama", dtype="float32") is first
+  assert load("random:tiny-llama", dtype="bfloat16") is not first
+  assert calls == [("random:tiny-llama", {"dtype": "float32"}), ("random:tiny-llama", {"dtype": "bfloat16"})]

@@ -114,6 +114,7 @@ def test_bucket_lengths_are_powers_of_two_and_their_midpoints():
   lengths = (1, 16, 17, 24, 25, 33, 90, 97, 100, 300)
   assert [evaluate.bucket_length(n) for n in lengths] == [16, 16, 24, 24, 32, 48, 96, 128, 128, 384]
   assert [evaluate.bucket_length(n, minimum=64) for n in (1, 65, 97)] == [64, 96, 128]
+  assert [evaluate.bucket_length(n, midpoints=False) for n in lengths] == [16, 16, 32, 32, 32, 64, 128, 128, 128, 512]
 
 
 def test_buckets_are_capped_at_the_room_left_in_the_context():
@@ -189,7 +190,7 @@ def test_fixed_rows_and_score_budget_change_batching_not_results():
     budget = evaluate.evaluate(model, context, queries, labels, record=ALL_RECORDS, tokens_per_batch=128,
                                score_budget=model.config.num_heads * 16 * (len(context) + 16) * 3)
   buckets = {evaluate.bucket_length(len(q) + 1) for q in queries}
-  assert fixed.traces == len(buckets)  # one batch shape per bucket, whatever the bucket's example count
+  assert fixed.traces <= 2 * len(buckets)  # per bucket: full batches and a last batch of half the rows
   np.testing.assert_array_equal(fixed.predictions, plain.predictions)
   np.testing.assert_array_equal(budget.predictions, plain.predictions)
   for other in (fixed, budget):
@@ -206,8 +207,47 @@ def test_rows_per_bucket_follow_the_token_and_score_budgets():
                                                                                (16, 4, 1), (48, 1, 1),
                                                                                (48, 1, 1), (48, 1, 1)]
   fixed = list(evaluate._batches(lengths, 128, 1, bucketing, fixed_rows=True))  # pylint: disable=protected-access
-  assert [(bucket, rows) for bucket, rows, _ in fixed] == [(16, 8), (16, 8), (48, 2), (48, 2)]
+  assert [(bucket, rows) for bucket, rows, _ in fixed] == [(16, 8), (16, 4), (48, 2), (48, 1)]
+  # The last batch of a bucket gets half the full rows when that holds it, else all of them.
+  small = list(evaluate._batches(np.asarray([10] * 3 + [40] * 5), 256, 1, bucketing, fixed_rows=True))  # pylint: disable=protected-access
+  assert [(bucket, rows, len(indices)) for bucket, rows, indices in small] == [(16, 8, 3), (48, 5, 5)]
+  many = list(evaluate._batches(np.asarray([10] * 41), 256, 1, bucketing, fixed_rows=True))  # pylint: disable=protected-access
+  assert [(rows, len(indices)) for _, rows, indices in many] == [(16, 16), (16, 16), (16, 9)]
+  paired = list(evaluate._batches(np.asarray([10] * 3), 192, 2, bucketing, fixed_rows=True))  # pylint: disable=protected-access
+  assert [(bucket, rows) for bucket, rows, _ in paired] == [(16, 6)]  # half of 12 rows, a multiple of 2 devices
   capped = list(evaluate._batches(lengths, 128, 1, bucketing, scores_per_row=lambda bucket: bucket * 10,
                                   score_budget=480))  # pylint: disable=protected-access
   assert [(bucket, rows) for bucket, rows, _ in capped][:1] == [(16, 3)]
   assert {rows for bucket, rows, _ in capped if bucket == 48} == {1}
+
+
+@pytest.mark.parametrize("prefix_multiple", [None, 32])
+def test_records_on_device_equal_the_host_copies(prefix_multiple):
+  """records_on_device keeps every record as a jax.Array in example order; the values are the host copies'
+  (the same batches, only gathered on the device)."""
+  model = build_model(tiny_config("llama"), seed=6)
+  context, queries = _inputs(seed=7, count=23)
+  labels = [[5], [9], [17]]
+  kwargs = dict(record=ALL_RECORDS, tokens_per_batch=128, prefix_multiple=prefix_multiple)
+  on_host = evaluate.evaluate(model, context, queries, labels, **kwargs)
+  on_device = evaluate.evaluate(model, context, queries, labels, records_on_device=True, **kwargs)
+  np.testing.assert_array_equal(on_device.label_scores, on_host.label_scores)
+  assert isinstance(on_device.label_scores, np.ndarray) and sorted(on_device.records) == sorted(on_host.records)
+  for name, value in on_host.records.items():
+    assert isinstance(on_device.records[name], jax.Array), name
+    np.testing.assert_array_equal(np.asarray(on_device.records[name]), value, err_msg=name)
+
+
+def test_tasks_with_different_label_counts_share_compiled_batches():
+  """Label ids are padded to 8 slots: 2, 3 or 5 labels run the same compiled batch, and the scores of each
+  label are the ones of a run with that label alone."""
+  model = build_model(tiny_config("llama"), seed=6)
+  context, queries = _inputs(seed=7, count=5)
+  three = evaluate.evaluate(model, context, queries, [[5], [9], [17]], tokens_per_batch=128)
+  compiled = evaluate._score_batch._cache_size()  # pylint: disable=protected-access
+  two = evaluate.evaluate(model, context, queries, [[9], [17]], tokens_per_batch=128)
+  five = evaluate.evaluate(model, context, queries, [[5], [9], [17], [3], [4]], tokens_per_batch=128)
+  assert evaluate._score_batch._cache_size() == compiled  # pylint: disable=protected-access
+  assert two.label_scores.shape == (5, 2) and five.label_scores.shape == (5, 5)
+  np.testing.assert_array_equal(two.label_scores, three.label_scores[:, 1:])
+  np.testing.assert_array_equal(five.label_scores[:, :3], three.label_scores)

@@ -102,6 +102,10 @@ def test_step_equals_grad_and_manual_sgd(family):
     assert result.trainable_names == trained  # K/V kernels, plus biases for fairseq only (llama has none)
     assert any(name.endswith("bias") for name in trained) == (family == "fairseq_dense")
     assert result.traces <= 1  # one trace serves every sequence length (bucketed + masked)
+    on_device = ft.finetune(model, sequences, ft.FinetuneConfig(learning_rate=0.7, queries_on_device=True),
+                            has_bos=has_bos)
+    assert isinstance(on_device.queries, jax.Array) and isinstance(result.queries, np.ndarray)
+    np.testing.assert_array_equal(np.asarray(on_device.queries), result.queries)
 
 
 def _reference_lcgd(model, sequence, lr):

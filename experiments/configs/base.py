@@ -65,9 +65,11 @@ def get_config(task: str = "cb") -> ml_collections.ConfigDict:
   config.eval_tokens_per_batch = 4096  # evaluation batch rows = this // padded length
   config.eval_score_budget = 1 << 26  # cap on rows * heads * T * (C + T) score elements per batch
   config.eval_minimum_bucket = 16  # smallest padded query length (ladder above it); larger on GPUs: fewer shapes
-  config.eval_fixed_rows = False  # pad every batch of a bucket to its full rows (GPU: one shape per bucket)
+  config.eval_bucket_midpoints = True  # bucket ladder with 1.5x midpoints; False: powers of two (GPU: half the shapes)
+  config.eval_fixed_rows = False  # a bucket's last batch gets half or all the full rows (GPU: 2 shapes per bucket)
   config.eval_prefix_multiple = 0  # cache ICL contexts padded to a multiple of this (GPU: shapes shared by tasks)
   config.save_records = True  # records/*.npz (the per-example analysis arrays); off for speed benchmarks
+  config.analysis = "host"  # metrics on "host" (float64 numpy) or "device" (float32 jax, records stay there; GPU)
   config.scan_layers = False  # lax.scan over layers: same results, one layer body in the compiled program
   config.ft_bucket_multiple = 32  # FT sequences are padded to a multiple of this (one jitted step for all)
   config.log_every_seconds = 30.0  # periodic progress line interval when stderr is not a TTY

@@ -1,0 +1,62 @@
+r"""Milliseconds per K/V finetuning step (PROTOCOL.md §7: batch 1, one SGD step per demonstration).
+
+Runs :func:`dualform.finetune.finetune` on ``--steps`` random sequences of ``--length`` tokens (one bucket),
+twice per variant (the first pass compiles), and prints the second pass's time per step, with the layers
+as one ``lax.scan`` or unrolled, and with or without recording the training queries. Ratios are against
+the first variant. Random weights.
+
+Command (H200)::
+
+  python3 -m benchmarks.ft_step_bench --model fairseq-dense-2.7b --dtype bfloat16
+
+CPU check: ``python -m benchmarks.ft_step_bench --model tiny-fairseq --dtype float32 --length 20``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from dualform import finetune
+from dualform.models import build_model, get_config
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "fairseq-dense-2.7b", "named config (random weights)")
+flags.DEFINE_string("dtype", "bfloat16", "parameter and compute dtype")
+flags.DEFINE_integer("steps", 32, "demonstrations (one step each)")
+flags.DEFINE_integer("length", 60, "tokens per demonstration")
+flags.DEFINE_integer("bucket_multiple", 64, "sequences are padded to a multiple of this")
+
+
+def main(argv):
+  del argv
+  base = get_config(FLAGS.model).replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+  rng = np.random.default_rng(0)
+  sequences = [rng.integers(4, 1000, FLAGS.length).tolist() for _ in range(FLAGS.steps)]
+  rows = []
+  for scan in (True, False):
+    model = build_model(base.replace(scan_layers=scan), 0)
+    for record in (True, False):
+      config = finetune.FinetuneConfig(learning_rate=1e-4, bucket_multiple=FLAGS.bucket_multiple,
+                                       record_queries=record)
+      times = []
+      for _ in range(2):
+        start = time.perf_counter()
+        result = finetune.finetune(model, sequences, config, has_bos=True, log=lambda message: None)
+        jax.block_until_ready(jax.tree.leaves(result.model))
+        times.append(time.perf_counter() - start)
+      rows.append((f"scan_layers={scan} record_queries={record}", 1e3 * times[1] / FLAGS.steps, times[0]))
+      print(f"{rows[-1][0]}: {rows[-1][1]:.1f} ms/step (first pass {times[0]:.1f} s)", flush=True)
+    del model
+  print(f"\n{FLAGS.model} {FLAGS.dtype}, {FLAGS.steps} steps of {FLAGS.length} tokens, device "
+        f"{jax.devices()[0].device_kind}; ratios against the first row")
+  print("| variant | ms/step | ratio | first pass (s, with compile) |\n|---|---:|---:|---:|")
+  for name, per_step, first in rows:
+    print(f"| {name} | {per_step:.1f} | {per_step / rows[0][1]:.2f} | {first:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
