@@ -470,13 +470,35 @@ def icl_training_attention(context_scores, demo_token_positions) -> np.ndarray:
   Returns [N, L, T].
   """
   scores = _float_array(context_scores, "context_scores", ndim=3)
+  return _softmax_last(scores[..., _check_demo_positions(demo_token_positions, scores.shape[-1])])
+
+
+def _check_demo_positions(demo_token_positions, num_keys: int) -> np.ndarray:
+  """The demo token positions as a non-empty 1-D integer array inside the ``num_keys`` context keys."""
   positions = np.asarray(demo_token_positions)
   if positions.ndim != 1 or positions.size == 0 or not np.issubdtype(positions.dtype, np.integer):
     raise ValueError(f"demo_token_positions must be a non-empty 1-D integer array, got {positions.shape}")
-  if positions.min() < 0 or positions.max() >= scores.shape[-1]:
-    raise ValueError(f"demo_token_positions reach {positions.max()} but the context has {scores.shape[-1]} "
+  if positions.min() < 0 or positions.max() >= num_keys:
+    raise ValueError(f"demo_token_positions reach {positions.max()} but the context has {num_keys} "
                      f"keys; pass the context scores of the same packed context")
-  return _softmax_last(scores[..., positions])
+  return positions
+
+
+def _check_query_shapes(test_shape: tuple, train_shape: tuple) -> None:
+  if len(test_shape) != 3 or len(train_shape) != 3 or test_shape[1] != train_shape[0] or \
+      test_shape[2] != train_shape[2]:
+    raise ValueError(f"test_queries {test_shape} and train_queries {train_shape} must be [N, L, Dq] and "
+                     f"[L, T, Dq] with the same layers and query size")
+
+
+def _check_demo_lengths(demo_lengths, num_items: int) -> np.ndarray:
+  lengths = np.asarray(demo_lengths)
+  if lengths.ndim != 1 or lengths.size == 0 or (lengths < 1).any():
+    raise ValueError(f"demo_lengths must be a non-empty list of positive lengths, got {lengths.tolist()}")
+  if int(lengths.sum()) != num_items:
+    raise ValueError(f"demo_lengths sum to {int(lengths.sum())} but there are {num_items} training "
+                     f"tokens; use the lengths of the same packed demonstrations")
+  return lengths
 
 
 def ft_training_attention(test_queries, train_queries) -> np.ndarray:
@@ -488,9 +510,7 @@ def ft_training_attention(test_queries, train_queries) -> np.ndarray:
   Returns [N, L, T].
   """
   test, train = _as_array(test_queries, "test_queries"), _as_array(train_queries, "train_queries")
-  if test.ndim != 3 or train.ndim != 3 or test.shape[1] != train.shape[0] or test.shape[2] != train.shape[2]:
-    raise ValueError(f"test_queries {test.shape} and train_queries {train.shape} must be [N, L, Dq] and "
-                     f"[L, T, Dq] with the same layers and query size")
+  _check_query_shapes(test.shape, train.shape)
   weights = np.empty((test.shape[0], test.shape[1], train.shape[1]))
   for layer in range(test.shape[1]):  # one [N, Dq] x [Dq, T] product per layer, in float64
     dots = np.asarray(test[:, layer], np.float64) @ np.asarray(train[layer], np.float64).T
@@ -501,12 +521,7 @@ def ft_training_attention(test_queries, train_queries) -> np.ndarray:
 def example_level(weights, demo_lengths) -> np.ndarray:
   """Per-demonstration sums of token weights: [N, L, T] -> [N, L, k_eff] (consecutive segments)."""
   weights = _float_array(weights, "weights", ndim=3)
-  lengths = np.asarray(demo_lengths)
-  if lengths.ndim != 1 or lengths.size == 0 or (lengths < 1).any():
-    raise ValueError(f"demo_lengths must be a non-empty list of positive lengths, got {lengths.tolist()}")
-  if int(lengths.sum()) != weights.shape[-1]:
-    raise ValueError(f"demo_lengths sum to {int(lengths.sum())} but there are {weights.shape[-1]} training "
-                     f"tokens; use the lengths of the same packed demonstrations")
+  lengths = _check_demo_lengths(demo_lengths, weights.shape[-1])
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
   return np.add.reduceat(weights, starts, axis=-1)
 

@@ -167,12 +167,7 @@ def icl_training_attention(context_scores, demo_token_positions) -> jax.Array:
   """w_ICL = softmax over the demo tokens of the head-summed context scores: [N, L, C] -> [N, L, T]."""
   if getattr(context_scores, "ndim", None) != 3:
     raise ValueError(f"context_scores must be [examples, layers, context], got {np.shape(context_scores)}")
-  positions = np.asarray(demo_token_positions)
-  if positions.ndim != 1 or positions.size == 0 or not np.issubdtype(positions.dtype, np.integer):
-    raise ValueError(f"demo_token_positions must be a non-empty 1-D integer array, got {positions.shape}")
-  if positions.min() < 0 or positions.max() >= context_scores.shape[-1]:
-    raise ValueError(f"demo_token_positions reach {positions.max()} but the context has "
-                     f"{context_scores.shape[-1]} keys; pass the context scores of the same packed context")
+  positions = host._check_demo_positions(demo_token_positions, context_scores.shape[-1])  # pylint: disable=protected-access
   return jax.nn.softmax(_f32(context_scores)[..., jnp.asarray(positions)], axis=-1)
 
 
@@ -185,20 +180,13 @@ def _ft_attention(test, train):
 def ft_training_attention(test_queries, train_queries) -> jax.Array:
   """w_FT = softmax_j (q_test . q_j): test [N, L, Dq], train [L, T, Dq] -> [N, L, T]."""
   test, train = jnp.asarray(test_queries), jnp.asarray(train_queries)
-  if test.ndim != 3 or train.ndim != 3 or test.shape[1] != train.shape[0] or test.shape[2] != train.shape[2]:
-    raise ValueError(f"test_queries {test.shape} and train_queries {train.shape} must be [N, L, Dq] and "
-                     f"[L, T, Dq] with the same layers and query size")
+  host._check_query_shapes(test.shape, train.shape)  # pylint: disable=protected-access
   return _ft_attention(test, train)
 
 
 def example_level(weights, demo_lengths) -> jax.Array:
   """Per-demonstration sums of token weights: [N, L, T] -> [N, L, k_eff] (consecutive segments)."""
-  lengths = np.asarray(demo_lengths)
-  if lengths.ndim != 1 or lengths.size == 0 or (lengths < 1).any():
-    raise ValueError(f"demo_lengths must be a non-empty list of positive lengths, got {lengths.tolist()}")
-  if int(lengths.sum()) != weights.shape[-1]:
-    raise ValueError(f"demo_lengths sum to {int(lengths.sum())} but there are {weights.shape[-1]} training "
-                     f"tokens; use the lengths of the same packed demonstrations")
+  lengths = host._check_demo_lengths(demo_lengths, weights.shape[-1])  # pylint: disable=protected-access
   segments = jnp.asarray(np.repeat(np.arange(lengths.size), lengths))
   summed = jax.ops.segment_sum(jnp.moveaxis(_f32(weights), -1, 0), segments, num_segments=lengths.size)
   return jnp.moveaxis(summed, 0, -1)
