@@ -17,7 +17,8 @@ fi
 # cuBLAS instead of Triton for GEMMs: half the compile time and 9 % faster batches on the H200
 # (benchmarks/compile_bench.py, BUILD_NOTES.md). Set XLA_FLAGS to override.
 export XLA_FLAGS=${XLA_FLAGS---xla_gpu_enable_triton_gemm=false}
-export JAX_LOG_COMPILES=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxcache} \
+# A new, empty cache folder unless JAX_COMPILATION_CACHE_DIR is given (then "cold" means what it holds).
+export JAX_LOG_COMPILES=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d /tmp/jaxcache.XXXXXX)} \
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 ARGS="--task ${TASK:-all} --model random:fairseq-dense-2.7b --dtype bfloat16 --eval_tokens_per_batch 32768
   --eval_minimum_bucket 32 --noeval_bucket_midpoints --eval_fixed_rows --ft_bucket_multiple 64 --kendall_max_examples 100
