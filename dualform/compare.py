@@ -406,11 +406,12 @@ def _aligned_positions(reference: packing.PackedContext, other: packing.PackedCo
 def _similarity(zsl, icl, other, position: int, *, seed: int, salt: str, config, pairing) -> dict:
   """SimAOU (+ random), SimAM, ZSL-SimAM and SimAM_Δ of one comparison at one position."""
   ops = _analysis_ops(config)
-  attn = lambda result: result.records["attn_out"][:, :, position]  # [N, L, D]
+  # [N, L, D] at this position, sliced once (on the device each slice is a copy of the records)
+  zsl_out, icl_out, other_out = (result.records["attn_out"][:, :, position] for result in (zsl, icl, other))
   icl_scores, other_scores, zsl_scores = (_query_scores(result, position, ops) for result in (icl, other, zsl))
   block = {
-      "simaou": _layer_record(ops.simaou_per_layer(attn(zsl), attn(icl), attn(other))),
-      "random_simaou": ops.random_simaou_per_layer(attn(zsl), attn(icl), _metric_key(seed, salt + "/simaou"),
+      "simaou": _layer_record(ops.simaou_per_layer(zsl_out, icl_out, other_out)),
+      "random_simaou": ops.random_simaou_per_layer(zsl_out, icl_out, _metric_key(seed, salt + "/simaou"),
                                                    config.random_baseline).to_record(),
       "simam": _layer_record(ops.simam_per_layer(icl_scores, other_scores)),
       "zsl_simam": _layer_record(ops.zsl_simam_per_layer(icl_scores, zsl_scores)),
@@ -419,7 +420,7 @@ def _similarity(zsl, icl, other, position: int, *, seed: int, salt: str, config,
   if pairing is not None:
     block["shuffled"] = {
         "pairing": "derangement", "derangement_seed": int(seed),
-        "simaou": _layer_record(ops.simaou_per_layer(attn(zsl), attn(icl), attn(other), pairing=pairing)),
+        "simaou": _layer_record(ops.simaou_per_layer(zsl_out, icl_out, other_out, pairing=pairing)),
         "simam": _layer_record(ops.simam_per_layer(icl_scores, other_scores, pairing=pairing)),
         "simam_delta": _layer_record(ops.simam_delta_per_layer(icl_scores, other_scores, zsl_scores,
                                                                pairing=pairing)),
