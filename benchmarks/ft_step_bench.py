@@ -2,8 +2,8 @@ r"""Milliseconds per K/V finetuning step (PROTOCOL.md §7: batch 1, one SGD step
 
 Runs :func:`dualform.finetune.finetune` on ``--steps`` random sequences of ``--length`` tokens (one bucket),
 twice per variant (the first pass compiles), and prints the second pass's time per step, with the layers
-as one ``lax.scan`` or unrolled, and with or without recording the training queries. Ratios are against
-the first variant. Random weights.
+as one ``lax.scan`` or unrolled, and with the training queries recorded and copied to the host, recorded
+and kept on the device, or not recorded. Ratios are against the first variant. Random weights.
 
 Command (H200)::
 
@@ -37,18 +37,22 @@ def main(argv):
   rng = np.random.default_rng(0)
   sequences = [rng.integers(4, 1000, FLAGS.length).tolist() for _ in range(FLAGS.steps)]
   rows = []
+  # (record_queries, queries_on_device): recorded and copied to the host (the CPU default), recorded and
+  # kept on the device (--analysis device), not recorded.
+  recording = ((True, False), (True, True), (False, False))
   for scan in (True, False):
     model = build_model(base.replace(scan_layers=scan), 0)
-    for record in (True, False):
+    for record, on_device in recording:
       config = finetune.FinetuneConfig(learning_rate=1e-4, bucket_multiple=FLAGS.bucket_multiple,
-                                       record_queries=record)
+                                       record_queries=record, queries_on_device=on_device)
       times = []
       for _ in range(2):
         start = time.perf_counter()
         result = finetune.finetune(model, sequences, config, has_bos=True, log=lambda message: None)
-        jax.block_until_ready(jax.tree.leaves(result.model))
+        jax.block_until_ready((jax.tree.leaves(result.model), result.queries))
         times.append(time.perf_counter() - start)
-      rows.append((f"scan_layers={scan} record_queries={record}", 1e3 * times[1] / FLAGS.steps, times[0]))
+      where = "" if not record else (" on device" if on_device else " to host")
+      rows.append((f"scan_layers={scan} record_queries={record}{where}", 1e3 * times[1] / FLAGS.steps, times[0]))
       print(f"{rows[-1][0]}: {rows[-1][1]:.1f} ms/step (first pass {times[0]:.1f} s)", flush=True)
     del model
   print(f"\n{FLAGS.model} {FLAGS.dtype}, {FLAGS.steps} steps of {FLAGS.length} tokens, device "

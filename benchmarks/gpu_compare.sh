@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_compare.sh [COLD_LIMIT_S] [WARM_LIMIT_S]
 #
 # Environment: TASK (default all), EXTRA (more flags), DUALFORM_DATA_DIR / DUALFORM_GPT2_BPE_DIR when
-# ../shared is not next to the checkout. Wheels in .carry/wheels (ml_collections, gguf) are installed first
+# ../shared is not next to the checkout, WRAP_WARM (a command prefix for the warm pass, e.g. a profiler:
+# "py-spy record -r 50 --idle -f raw -o $OUT/warm_pyspy.txt --"). Wheels in .carry/wheels (ml_collections, gguf) are installed first
 # when present (machines without those packages and without a network).
 set -u
 OUT=${OUT:-/tmp/gpu_compare}; mkdir -p "$OUT"
@@ -21,8 +22,9 @@ export XLA_FLAGS=${XLA_FLAGS---xla_gpu_enable_triton_gemm=false}
 export JAX_LOG_COMPILES=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d /tmp/jaxcache.XXXXXX)} \
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 ARGS="--task ${TASK:-all} --model random:fairseq-dense-2.7b --dtype bfloat16 --eval_tokens_per_batch 32768
-  --eval_minimum_bucket 32 --noeval_bucket_midpoints --eval_fixed_rows --ft_bucket_multiple 64 --kendall_max_examples 100
+  --eval_minimum_bucket 32 --noeval_bucket_midpoints --eval_fixed_rows --ft_bucket_multiple 192 --kendall_max_examples 100
   --eval_score_budget 536870912 --scan_layers --eval_prefix_multiple 2048 --save_records=false --analysis device
+  --compile_workers 4
   ${EXTRA:-}"
 echo "python3 -m experiments.compare $ARGS" | tr -s ' \n' ' ' | tee "$OUT/summary.txt"; echo | tee -a "$OUT/summary.txt"
 limits=("${1:-600}" "${2:-600}")
@@ -31,7 +33,8 @@ for pass in cold warm; do
   rm -rf "/tmp/runs_$pass"
   start=$(date +%s.%N)
   # shellcheck disable=SC2086
-  timeout "$limit" python3 -m experiments.compare $ARGS --workdir "/tmp/runs_$pass" > "$OUT/compare_$pass.log" 2>&1
+  wrap=""; [ "$pass" = warm ] && wrap=${WRAP_WARM:-}
+  timeout "$limit" $wrap python3 -m experiments.compare $ARGS --workdir "/tmp/runs_$pass" > "$OUT/compare_$pass.log" 2>&1
   rc=$?
   end=$(date +%s.%N)
   echo "$pass rc=$rc wall_s=$(python3 -c "print(round($end - $start, 1))")" | tee -a "$OUT/summary.txt"

@@ -24,6 +24,7 @@ Public names: :class:`Setting`, :data:`SETTINGS`, :data:`COMPARISONS`, :func:`ru
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -159,6 +160,8 @@ def validate_config(config) -> None:
     raise ValueError(f"max_examples must be >= 0 (0 = all); got {config.max_examples}")
   if config.lr is not None and not config.lr > 0:
     raise ValueError(f"lr must be positive; got {config.lr}")
+  if int(config.get("compile_workers", 0)) < 0:
+    raise ValueError(f"compile_workers must be >= 0 (0: compile on first use); got {config.compile_workers}")
   if config.get("analysis", "host") not in ANALYSES:
     raise ValueError(f"unknown analysis {config.analysis!r}; choose host (float64 numpy) or device (float32 jax)")
   if config.random_baseline not in ("normal", "uniform01"):
@@ -242,9 +245,8 @@ def prepare(config, *, load_pretrained: Callable | None = None) -> _Prepared:
   if config.get("scan_layers"):
     model.config = model.config.replace(scan_layers=True)
   single_token = packing.labels_are_single_tokens(tokenizer, task, config.template_index)
-  encode = lambda example: packing.encode_query(tokenizer, task, example, template_index=config.template_index,
-                                               allow_multitoken_labels=config.allow_multitoken_labels)
-  all_queries = [encode(example) for example in eval_all]
+  all_queries = packing.encode_queries(tokenizer, task, eval_all, template_index=config.template_index,
+                                       allow_multitoken_labels=config.allow_multitoken_labels)
   max_query_len = packing.max_query_length(tokenizer, task, all_queries)
   count = len(eval_all) if not config.max_examples else min(config.max_examples, len(eval_all))
   eval_examples, queries = eval_all[:count], all_queries[:count]
@@ -279,35 +281,58 @@ def prepare(config, *, load_pretrained: Callable | None = None) -> _Prepared:
 class _Evaluator:
   """Evaluates settings with the config's batching, mesh and progress reporting."""
 
-  def __init__(self, prepared: _Prepared, mesh=None):
+  def __init__(self, prepared: _Prepared, mesh=None, executor: concurrent.futures.Executor | None = None):
     self.prepared = prepared
     self.config = prepared.config
     self.mesh = mesh
+    self.executor = executor  # compile_workers > 0: threads that compile batch shapes ahead
     self.pad_id = 0
+    self._splits: dict[int, tuple] = {}  # id(model) -> (model, nnx.split(model)); models are not changed here
 
-  def __call__(self, model, context, queries, label_tokens, record, prefix, pad_context: bool = False):
-    """``pad_context``: cache the context padded per ``eval_prefix_multiple`` (ICL demonstrations only: a
-    zero-shot ``<s>`` would grow from one token to a whole multiple)."""
+  def _split(self, model) -> tuple:
+    """``nnx.split(model)``, once per model of this run (a graph walk of every layer costs ~0.1 s per call
+    for the 2.7B config on a GPU host, and each task evaluates the pretrained model up to six times)."""
+    if id(model) not in self._splits:
+      self._splits[id(model)] = (model, nnx.split(model))
+    return self._splits[id(model)][1]
+
+  def _options(self, pad_context: bool) -> dict:
+    """The batching options of :func:`evaluate_lib.evaluate` (and ``precompile``) under this config.
+
+    ``pad_context``: cache the context padded per ``eval_prefix_multiple`` (ICL demonstrations only: a
+    zero-shot ``<s>`` would grow from one token to a whole multiple).
+    """
     config = self.config
     shard, rows = None, 1
     if self.mesh is not None:
       from dualform import sharding
       shard = lambda array: sharding.shard_batch(array, self.mesh)
       rows = int(self.mesh.shape.get("data", 1))
-    progress = runs.Progress(len(queries), prefix, config.log_every_seconds)
     # Rows per batch: eval_tokens_per_batch over the padded length, capped per bucket by the score budget.
+    return dict(tokens_per_batch=config.eval_tokens_per_batch, score_budget=config.eval_score_budget,
+                minimum_bucket=config.eval_minimum_bucket, bucket_midpoints=config.get("eval_bucket_midpoints", True),
+                pad_id=self.pad_id, allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
+                row_multiple=rows, fixed_rows=config.eval_fixed_rows,
+                prefix_multiple=config.get("eval_prefix_multiple") if pad_context else None)
+
+  def forget(self, model) -> None:
+    """Drops the split of a model no longer evaluated (a finetuned copy), so it can be freed."""
+    self._splits.pop(id(model), None)
+
+  def __call__(self, model, context, queries, label_tokens, record, prefix, pad_context: bool = False):
+    progress = runs.Progress(len(queries), prefix, self.config.log_every_seconds)
     result = evaluate_lib.evaluate(model, context, queries, label_tokens, record=record,
-                                   tokens_per_batch=config.eval_tokens_per_batch,
-                                   score_budget=config.eval_score_budget, minimum_bucket=config.eval_minimum_bucket,
-                                   bucket_midpoints=config.get("eval_bucket_midpoints", True),
-                                   pad_id=self.pad_id,
-                                   allow_multitoken_labels=config.allow_multitoken_labels, shard_batch=shard,
-                                   row_multiple=rows, fixed_rows=config.eval_fixed_rows,
-                                   prefix_multiple=config.get("eval_prefix_multiple") if pad_context else None,
-                                   records_on_device=_analysis_ops(config) is metrics_device,
-                                   progress=progress.update)
+                                   records_on_device=_analysis_ops(self.config) is metrics_device,
+                                   progress=progress.update, split=self._split(model), **self._options(pad_context))
     progress.close()
     return result
+
+  def precompile(self, model, context, queries, label_tokens, record, pad_context: bool = False) -> int:
+    """Starts compiling the batch shapes of that evaluation on the executor (none without one)."""
+    if self.executor is None:
+      return 0
+    return evaluate_lib.precompile(model, context, queries, label_tokens, record=record, executor=self.executor,
+                                   split=self._split(model), **self._options(pad_context))
 
 
 def _sweep_learning_rate(prepared: _Prepared, context: packing.PackedContext, seed: int, evaluator,
@@ -324,8 +349,8 @@ def _sweep_learning_rate(prepared: _Prepared, context: packing.PackedContext, se
     if not selected:
       raise ValueError("the pool has no examples left for the held-out LR selection; use lr_select_on=eval")
     examples = [prepared.pool[index] for index in selected]
-    queries = [packing.encode_query(tokenizer, task, example, template_index=config.template_index,
-                                    allow_multitoken_labels=config.allow_multitoken_labels) for example in examples]
+    queries = packing.encode_queries(tokenizer, task, examples, template_index=config.template_index,
+                                     allow_multitoken_labels=config.allow_multitoken_labels)
     where = f"held-out pool slice ({len(queries)} examples after the drawn demonstrations, seed {seed})"
   else:
     queries = prepared.queries
@@ -539,6 +564,17 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
   train_queries: dict[str, np.ndarray] = {}
   finetune_records: dict[str, dict] = {}
   new_tokens = int(sum(len(query) + 1 for query in query_inputs))
+  context_ids = lambda setting: {"zero_shot": zero_shot, "demonstrations": context.token_ids,
+                                 "demonstrations_permuted": alternative.token_ids if alternative else None
+                                 }[setting.context]
+  record_of = lambda setting: setting.record if prepared.single_token else evaluate_lib.NO_RECORDS
+  # With compile workers, every evaluation's batch shapes start compiling now (a finetuned setting runs the
+  # pretrained model's programs), overlapping the FT steps and the evaluations before them.
+  started = sum(evaluator.precompile(prepared.model, context_ids(SETTINGS[name]), query_inputs,
+                                     prepared.label_tokens, record_of(SETTINGS[name]),
+                                     pad_context=SETTINGS[name].is_icl) for name in prepared.settings)
+  if started:
+    log(f"[{run_id}] compiling {started} batch shapes ahead on {config.get('compile_workers')} threads")
   for name in prepared.settings:
     setting = SETTINGS[name]
     model = prepared.model
@@ -570,20 +606,19 @@ def _run_one(prepared: _Prepared, seed: int, perm_id: int, learning_rate: dict, 
       if config.get("save_records", True):
         runs.atomic_save_npz(folder / "records" / f"{run_id}_{name}_train.npz", queries=trained.queries,
                              demo_token_counts=trained.demo_token_counts, losses=trained.losses)
-    context_ids = {"zero_shot": zero_shot, "demonstrations": context.token_ids,
-                   "demonstrations_permuted": alternative.token_ids if alternative else None}[setting.context]
-    record = setting.record if prepared.single_token else evaluate_lib.NO_RECORDS
-    result = evaluator(model, context_ids, query_inputs, prepared.label_tokens, record, f"[{run_id}] {name}",
-                       pad_context=setting.is_icl)
+    result = evaluator(model, context_ids(setting), query_inputs, prepared.label_tokens, record_of(setting),
+                       f"[{run_id}] {name}", pad_context=setting.is_icl)
     if len(result.predictions) != count or any(len(array) != count for array in result.records.values()):
       raise RuntimeError(f"{name}: {len(result.predictions)} predictions for {count} evaluated examples")
     results[name] = result
     timings[name] = result.seconds
-    flops[name] = _forward_flops(model.config, new_tokens, len(context_ids) + new_tokens / count / 2, count)
+    flops[name] = _forward_flops(model.config, new_tokens, len(context_ids(setting)) + new_tokens / count / 2, count)
     if config.get("save_records", True):  # off for benchmarks: the 2.7B records are gigabytes per task
       runs.atomic_save_npz(folder / "records" / f"{run_id}_{name}.npz", **_records_npz(result))
     log(f"[{run_id}] {name}: accuracy {result.accuracy(gold):.2f} ({count} examples, {result.seconds:.1f} s, "
         f"{result.traces} shapes)")
+    if model is not prepared.model:
+      evaluator.forget(model)
     del model
 
   record: dict[str, Any] = {"run_id": run_id, "seed": seed, "perm_id": perm_id, "learning_rate": learning_rate,
@@ -669,13 +704,18 @@ def _examples(prepared: _Prepared, run_records: list[dict]) -> list[dict]:
 
 
 def run(config, workdir: str | os.PathLike, *, overwrite: bool = False, load_pretrained: Callable | None = None,
-        finalize: Sequence[Callable[[pathlib.Path], None]] = (), log: Callable[[str], None] | None = None) -> dict:
+        finalize: Sequence[Callable[[pathlib.Path], None]] = (), log: Callable[[str], None] | None = None,
+        defer: Callable[[Callable[[], pathlib.Path]], None] | None = None) -> dict:
   """Runs the comparison of ``config`` into ``workdir`` (PROTOCOL.md §6); returns the results dict.
 
   Every input is validated and the model and data are loaded before anything is written. The run folder is
   assembled in a temporary folder (config.json first, then records/*.npz, results.json, summary.md and
   whatever the ``finalize`` callables add, e.g. plots) and renamed into place at the end; on any error
   nothing remains. An existing ``workdir`` is refused unless ``overwrite``.
+
+  ``defer``: called with the step that writes results.json, summary.md and the ``finalize`` outputs and
+  commits the folder (returning its path; on error it removes the temporary folder and raises), instead of
+  running that step here: ``--task all`` runs it on a thread while the next task computes.
   """
   log = log or logger.info
   wall_start = time.perf_counter()
@@ -690,7 +730,10 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool = False, load_pre
       from dualform import sharding
       mesh = sharding.make_mesh(mesh_spec)
       prepared.model = sharding.shard_model(prepared.model, mesh)
-    evaluator = _Evaluator(prepared, mesh)
+    workers = int(config.get("compile_workers", 0))
+    executor = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dualform-compile")
+                if workers else None)
+    evaluator = _Evaluator(prepared, mesh, executor)
     model_config = prepared.model.config
     log(f"{config.task}: {len(prepared.queries)} evaluated examples, model {config.model} "
         f"({param_count(prepared.model):,} parameters, {model_config.family}), settings {prepared.settings}, "
@@ -705,6 +748,15 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool = False, load_pre
       environment = runs.environment(config.matmul_precision)
       wall = time.perf_counter() - wall_start
       results = _results(prepared, run_records, learning_rate, environment, wall, load_seconds)
+    except BaseException:
+      folder.abort()
+      raise
+    finally:
+      if executor is not None:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+  def finish() -> pathlib.Path:
+    try:
       runs.atomic_write_json(folder / "results.json", results)
       runs.atomic_write_text(folder / "summary.md", summary_markdown(results))
       for callback in finalize:
@@ -713,7 +765,13 @@ def run(config, workdir: str | os.PathLike, *, overwrite: bool = False, load_pre
     except BaseException:
       folder.abort()
       raise
-  log(f"{config.task}: done in {time.perf_counter() - wall_start:.1f} s -> {final}")
+    log(f"{config.task}: done in {time.perf_counter() - wall_start:.1f} s -> {final}")
+    return final
+
+  if defer is None:
+    finish()
+  else:
+    defer(finish)
   return results
 
 

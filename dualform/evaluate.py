@@ -17,13 +17,17 @@ Logits are computed only at ``t - 1``. Records (§8) come from the same pass, at
 * ``context_scores`` [N, L, 2, C]: head-summed pre-softmax scores against the C context keys (ICL);
 * ``queries`` [N, L, 2, heads * head_dim]: scaled pre-RoPE queries ``q_proj(norm(x)) / sqrt(H)`` (FT eval).
 
-Public names: :data:`POSITIONS`, :class:`EvalRecordSpec`, :class:`EvalResult`, :func:`evaluate`,
+Compiling ahead: :func:`precompile` starts, on worker threads, the compiles of every batch shape an
+:func:`evaluate` call will run, so they overlap earlier device work (GPU runs; ``--compile_workers``).
+
+Public names: :data:`POSITIONS`, :class:`EvalRecordSpec`, :class:`EvalResult`, :func:`evaluate`, :func:`precompile`,
 :func:`evaluate_full_sequences` (the slow reference: batch 1, full sequence per example, as the original),
 :func:`bucket_length`, :func:`_single_label_ids`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -128,11 +132,15 @@ def padded_prefix_length(length: int, multiple: int | None, max_len: int) -> int
   return max(length, min(-(-length // multiple) * multiple, max_len))
 
 
+_TRACES: dict[str, int] = {"score": 0}  # traces of _score_batch (tests: no trace per example, none twice)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "record"))
 def _score_batch(graphdef: Hashed, state, cache: KVCache | None, tokens, lengths, label_ids, *,
                  record: EvalRecordSpec):
   """One right-padded batch [B, T] against an optional shared cache: label scores [B, C] and records.
   ``graphdef``: the model's interned (hash-once) GraphDef."""
+  _TRACES["score"] += 1
   model = nnx.merge(graphdef.value, state)
   batch, seq = tokens.shape
   context = 0 if cache is None else cache.length
@@ -209,21 +217,7 @@ def _pad_rows(sequences: list[Sequence[int]], bucket: int, rows: int, pad_id: in
   return tokens, lengths
 
 
-def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
-             label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
-             tokens_per_batch: int = 4096, score_budget: int | None = None, minimum_bucket: int = 16,
-             bucket_midpoints: bool = True,
-             pad_id: int = 0,
-             allow_multitoken_labels: bool = False, shard_batch: Callable | None = None, row_multiple: int = 1,
-             fixed_rows: bool = False, prefix_multiple: int | None = None, records_on_device: bool = False,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-  """Scores every query after one shared context (PROTOCOL.md §5), with records from the same pass.
-
-  Args:
-    model: the model (pretrained for ZSL/ICL, finetuned for FT).
-    context: token ids before every query (ICL demonstrations, or just ``<s>``/BOS, or empty); encoded once.
-    query_inputs: per example the filled input template's ids (without the label).
-    label_tokens: per candidate class its label token ids (one id each on the fast path).
+_EVAL_OPTIONS_DOC = """
     record: which records to keep (requires single-token labels).
     tokens_per_batch: rows per batch = tokens_per_batch // bucket length (rounded to row_multiple).
     score_budget: cap on rows * heads * T * (C + T) attention scores per batch (T the bucket length).
@@ -237,11 +231,32 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
       exact count (at most two compiled shapes per bucket, shared by every task; GPU).
     prefix_multiple: cache the context right-padded to a multiple of this (at most the model context),
       with the padding masked, so contexts of different lengths share compiled shapes (GPU); same results.
-    records_on_device: keep the records as device arrays (``jax.Array``, for :mod:`dualform.metrics_device`)
-      instead of copying them to host numpy; label scores and predictions are numpy either way.
-    progress: called with the number of examples finished (read back) after each batch.
-  """
-  start = time.perf_counter()
+    split: ``nnx.split(model)`` when the caller already has it (a graph walk saved per call; the caller
+      guarantees it is the model's current one).
+"""
+
+
+@dataclasses.dataclass
+class _Setup:
+  """What one evaluation needs before its batches: the split model, the encoded context, the batching."""
+
+  graphdef: Hashed
+  state: object
+  cache: KVCache | None
+  single: bool
+  label_ids: np.ndarray | None
+  batching: Callable
+  place: Callable
+  context_length: int
+
+
+def _setup(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
+           label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
+           tokens_per_batch: int = 4096, score_budget: int | None = None, minimum_bucket: int = 16,
+           bucket_midpoints: bool = True, pad_id: int = 0, allow_multitoken_labels: bool = False,
+           shard_batch: Callable | None = None, row_multiple: int = 1, fixed_rows: bool = False,
+           prefix_multiple: int | None = None, split: tuple | None = None) -> _Setup:
+  """Validates the inputs, splits the model, encodes the context once and fixes the batching."""
   single, label_ids = _single_label_ids(label_tokens)
   if not single and not allow_multitoken_labels:
     raise ValueError("a label word is several tokens; set allow_multitoken_labels=True (analysis is then skipped)")
@@ -251,7 +266,7 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
     raise ValueError("no examples to evaluate")
   if any(len(query) == 0 for query in query_inputs):
     raise ValueError("an empty query input; every example needs at least one prompt token")
-  graphdef, state = nnx.split(model)
+  graphdef, state = split if split is not None else nnx.split(model)
   graphdef = interned(graphdef)
   context = list(context)
   cached_length = padded_prefix_length(len(context), prefix_multiple, model.config.max_len)
@@ -265,7 +280,6 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
   else:
     padded = context + [pad_id] * (cached_length - len(context))
     cache = _encode_prefix(graphdef, state, jnp.asarray([padded], jnp.int32), jnp.asarray(len(context), jnp.int32))
-  place = shard_batch or jax.device_put
   # Positions left for a query after the context cap the buckets; a padded cache needs no cap (its
   # continuations start at the valid length and only padding rows reach past the model context), so every
   # context shares the same bucket ladder.
@@ -276,16 +290,101 @@ def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[
                                                            midpoints=bucket_midpoints),
                                fixed_rows=fixed_rows, score_budget=score_budget,
                                scores_per_row=lambda bucket: heads * bucket * (cached_length + bucket))
-  if single:
-    sequences = [list(query) + [int(label_ids[0])] for query in query_inputs]
-    result = _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
-                              progress, len(context), records_on_device)
+  return _Setup(graphdef=graphdef, state=state, cache=cache, single=single, label_ids=label_ids,
+                batching=batching, place=shard_batch or jax.device_put, context_length=len(context))
+
+
+def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
+             label_tokens: Sequence[Sequence[int]], *, record: EvalRecordSpec = NO_RECORDS,
+             records_on_device: bool = False, progress: Callable[[int], None] | None = None,
+             pad_id: int = 0, **options) -> EvalResult:
+  """Scores every query after one shared context (PROTOCOL.md §5), with records from the same pass.
+
+  Args:
+    model: the model (pretrained for ZSL/ICL, finetuned for FT).
+    context: token ids before every query (ICL demonstrations, or just ``<s>``/BOS, or empty); encoded once.
+    query_inputs: per example the filled input template's ids (without the label).
+    label_tokens: per candidate class its label token ids (one id each on the fast path).
+    records_on_device: keep the records as device arrays (``jax.Array``, for :mod:`dualform.metrics_device`)
+      instead of copying them to host numpy; label scores and predictions are numpy either way.
+    progress: called with the number of examples finished (read back) after each batch.
+    pad_id: the id padding rows and the padded context.
+    **options: the batching options below (also taken by :func:`precompile`).
+  """
+  start = time.perf_counter()
+  setup = _setup(model, context, query_inputs, label_tokens, record=record, pad_id=pad_id, **options)
+  if setup.single:
+    sequences = [list(query) + [int(setup.label_ids[0])] for query in query_inputs]
+    result = _evaluate_single(setup, sequences, record, pad_id, progress, records_on_device)
   else:
-    result = _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, batching, pad_id, place,
-                                  progress)
-  result.context_length = len(context)
+    result = _evaluate_multitoken(setup, query_inputs, label_tokens, pad_id, progress)
+  result.context_length = setup.context_length
   result.seconds = time.perf_counter() - start
   return result
+
+
+evaluate.__doc__ += _EVAL_OPTIONS_DOC
+
+
+# Compiles started by :func:`precompile`, by what the evaluation loop calls: (graphdef, record, cache shapes,
+# tokens shape, label slots) -> Future (kept when done: a later precompile skips the shape). Only the main
+# thread reads and writes it.
+_AHEAD: dict[tuple, concurrent.futures.Future] = {}
+
+
+def _ahead_key(setup: _Setup, record: EvalRecordSpec, tokens_shape: tuple[int, int], slots: int) -> tuple:
+  cache = None if setup.cache is None else tuple((leaf.shape, leaf.dtype.name) for leaf in jax.tree.leaves(setup.cache))
+  return (setup.graphdef, record, cache, tuple(tokens_shape), slots)
+
+
+def _wait_ahead(key: tuple) -> None:
+  """Waits for a compile :func:`precompile` started for this call; its failure is left to the call itself."""
+  future = _AHEAD.get(key)
+  if future is not None:
+    try:
+      future.result()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def precompile(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
+               label_tokens: Sequence[Sequence[int]], *, executor: concurrent.futures.Executor,
+               record: EvalRecordSpec = NO_RECORDS, pad_id: int = 0, **options) -> int:
+  """Starts compiling, on ``executor``'s threads, every batch shape that :func:`evaluate` with the same
+  arguments will run; returns how many compiles it started (shapes started before are skipped).
+
+  ``jit(f).lower(...).compile()`` fills the same caches as the first call of ``jit(f)``, so the evaluation
+  later finds its programs ready (it waits for a shape still compiling instead of compiling it twice).
+  Tracing, lowering and compiling (or reading the persistent compilation cache) then overlap the device work
+  of what runs before: on a GPU that first use costs about half a second per shape warm and seconds cold.
+  Multi-token labels are not precompiled. The context is encoded here too (its compile is shared).
+  """
+  setup = _setup(model, context, query_inputs, label_tokens, record=record, pad_id=pad_id, **options)
+  if not setup.single:
+    return 0
+  lengths = np.asarray([len(query) + 1 for query in query_inputs])
+  label_ids = _label_slots(setup.label_ids)
+  # Thread-local settings the worker must trace under, as the evaluation will.
+  precision, x64 = jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64
+  started = 0
+  for bucket, rows, _ in setup.batching(lengths):
+    key = _ahead_key(setup, record, (rows, bucket), len(label_ids))
+    if key in _AHEAD:
+      continue
+    tokens = setup.place(np.full((rows, bucket), pad_id, np.int32))
+    batch_lengths = setup.place(np.full((rows,), bucket, np.int32))
+
+    def compile_batch(tokens=tokens, batch_lengths=batch_lengths):
+      with jax.default_matmul_precision(precision), jax.enable_x64(x64):
+        return _score_batch.lower(setup.graphdef, setup.state, setup.cache, tokens, batch_lengths, label_ids,
+                                  record=record).compile()
+
+    _AHEAD[key] = executor.submit(compile_batch)
+    started += 1
+  return started
+
+
+precompile.__doc__ += "\n  Args: as :func:`evaluate`, plus ``executor`` (e.g. a ``ThreadPoolExecutor``).\n" + _EVAL_OPTIONS_DOC
 
 
 def _fit_last_axis(array, length: int):
@@ -296,14 +395,20 @@ def _fit_last_axis(array, length: int):
   return pad(array, [(0, 0)] * (array.ndim - 1) + [(0, length - array.shape[-1])])
 
 
-def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batching, pad_id, place,
-                     progress, context_length: int, records_on_device: bool = False) -> EvalResult:
+def _label_slots(label_ids: np.ndarray) -> jax.Array:
+  """Label ids padded to a power of two (at least 8) slots by repeating label 0, so tasks with 2, 3, 4 or 5
+  labels share compiled shapes; the padding columns are dropped on the host."""
+  slots = max(8, 1 << (len(label_ids) - 1).bit_length())
+  return jnp.asarray(np.concatenate([label_ids, np.full(slots - len(label_ids), label_ids[0])]))
+
+
+def _evaluate_single(setup: _Setup, sequences, record, pad_id, progress,
+                     records_on_device: bool = False) -> EvalResult:
+  graphdef, state, cache, label_ids, place = setup.graphdef, setup.state, setup.cache, setup.label_ids, setup.place
+  context_length = setup.context_length
   lengths = np.asarray([len(sequence) for sequence in sequences])
   count, query_max = len(sequences), int(lengths.max())
-  # Label slots padded to a power of two (at least 8) by repeating label 0, so tasks with 2, 3, 4 or 5
-  # labels share compiled shapes; the padding columns are dropped on the host.
-  slots = max(8, 1 << (len(label_ids) - 1).bit_length())
-  label_ids_device = jnp.asarray(np.concatenate([label_ids, np.full(slots - len(label_ids), label_ids[0])]))
+  label_ids_device = _label_slots(label_ids)
   collected: dict[str, np.ndarray] = {}
   on_device: dict[str, list] = {}  # records_on_device: name -> whole batches as computed, in batch order
   example_rows = np.empty((count,), np.int64)  # records_on_device: row of each example in those batches
@@ -332,8 +437,10 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batch
     example_rows[indices] = rows_so_far + np.arange(len(indices))
     rows_so_far += len(outputs["label_scores"])
 
-  for bucket, rows, indices in batching(lengths):
+  for bucket, rows, indices in setup.batching(lengths):
     tokens, batch_lengths = _pad_rows([sequences[i] for i in indices], bucket, rows, pad_id)
+    if (bucket, rows) not in shapes:
+      _wait_ahead(_ahead_key(setup, record, (rows, bucket), len(label_ids_device)))
     outputs = _score_batch(graphdef, state, cache, place(tokens), place(batch_lengths), label_ids_device,
                            record=record)  # dispatched asynchronously
     pending.append((indices, outputs))
@@ -364,9 +471,9 @@ def _evaluate_single(graphdef, state, cache, sequences, label_ids, record, batch
                     query_lengths=lengths, context_length=0, records=collected, traces=len(shapes))
 
 
-def _evaluate_multitoken(graphdef, state, cache, query_inputs, label_tokens, batching, pad_id, place,
-                         progress) -> EvalResult:
+def _evaluate_multitoken(setup: _Setup, query_inputs, label_tokens, pad_id, progress) -> EvalResult:
   """Mean teacher-forced log-prob of each candidate's tokens, one batched pass per candidate."""
+  graphdef, state, cache, batching, place = setup.graphdef, setup.state, setup.cache, setup.batching, setup.place
   count = len(query_inputs)
   label_scores = np.zeros((count, len(label_tokens)), np.float32)
   shapes = set()

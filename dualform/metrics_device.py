@@ -67,8 +67,8 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(a * b, axis=-1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + EPS)
 
 
-def _layer_keys(key, layers: int) -> jax.Array:
-  key = host._as_key(key)  # pylint: disable=protected-access
+def _layer_keys(key: jax.Array, layers: int) -> jax.Array:
+  """[layers] keys ``fold_in(key, l)`` (traced inside the jitted metrics; ``key`` a typed key)."""
   return jax.vmap(lambda layer: jax.random.fold_in(key, layer))(jnp.arange(layers, dtype=jnp.uint32))
 
 
@@ -95,9 +95,10 @@ def simaou_per_layer(zsl, icl, ft, pairing=None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("distribution",))
-def _random_simaou(zsl, icl, keys, distribution: str):
+def _random_simaou(zsl, icl, key, distribution: str):
   icl_update = _normalize(_f32(icl)) - _normalize(_f32(zsl))  # [N, L, D]
-  n, _, d = icl_update.shape
+  n, layers, d = icl_update.shape
+  keys = _layer_keys(key, layers)
   draw = {"normal": lambda key: jax.random.normal(key, (n, d)),
           "uniform01": lambda key: jax.random.uniform(key, (n, d))}[distribution]
   directions = jnp.swapaxes(jax.vmap(draw)(keys), 0, 1)  # [L, N, D] -> [N, L, D]
@@ -108,8 +109,8 @@ def random_simaou_per_layer(zsl, icl, key, distribution: str = "normal") -> Rand
   """Random SimAOU_l = (1/N) sum_i cos(ĥ_ICL,i - ĥ_ZSL,i, r_i,l), r_·,l drawn from ``fold_in(key, l)``."""
   if distribution not in RANDOM_DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {RANDOM_DISTRIBUTIONS}, got {distribution!r}")
-  _, layers, _ = _hidden(zsl, icl)
-  return _baseline(_random_simaou(zsl, icl, _layer_keys(key, layers), distribution), distribution, key)
+  _hidden(zsl, icl)
+  return _baseline(_random_simaou(zsl, icl, host._as_key(key), distribution), distribution, key)  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,7 +169,12 @@ def icl_training_attention(context_scores, demo_token_positions) -> jax.Array:
   if getattr(context_scores, "ndim", None) != 3:
     raise ValueError(f"context_scores must be [examples, layers, context], got {np.shape(context_scores)}")
   positions = host._check_demo_positions(demo_token_positions, context_scores.shape[-1])  # pylint: disable=protected-access
-  return jax.nn.softmax(_f32(context_scores)[..., jnp.asarray(positions)], axis=-1)
+  return _icl_attention(context_scores, jnp.asarray(positions))
+
+
+@jax.jit
+def _icl_attention(context_scores, positions):
+  return jax.nn.softmax(_f32(context_scores)[..., positions], axis=-1)
 
 
 @jax.jit
@@ -187,8 +193,12 @@ def ft_training_attention(test_queries, train_queries) -> jax.Array:
 def example_level(weights, demo_lengths) -> jax.Array:
   """Per-demonstration sums of token weights: [N, L, T] -> [N, L, k_eff] (consecutive segments)."""
   lengths = host._check_demo_lengths(demo_lengths, weights.shape[-1])  # pylint: disable=protected-access
-  segments = jnp.asarray(np.repeat(np.arange(lengths.size), lengths))
-  summed = jax.ops.segment_sum(jnp.moveaxis(_f32(weights), -1, 0), segments, num_segments=lengths.size)
+  return _example_sums(weights, jnp.asarray(np.repeat(np.arange(lengths.size), lengths)), lengths.size)
+
+
+@functools.partial(jax.jit, static_argnames=("count",))
+def _example_sums(weights, segments, count: int):
+  summed = jax.ops.segment_sum(jnp.moveaxis(_f32(weights), -1, 0), segments, num_segments=count)
   return jnp.moveaxis(summed, 0, -1)
 
 
@@ -222,9 +232,13 @@ def kendall_per_layer(w_icl, w_ft, max_examples: int | None = None, pairing=None
   """tau_l = (1/N') sum_{i<N'} tau_b(w_ICL,i,l, w_FT,π(i),l), N' = min(N, max_examples). [L]."""
   _check_weights(w_icl, w_ft)
   n = host._limit(w_icl.shape[0], max_examples)  # pylint: disable=protected-access
-  order = _pairing(pairing, n)
+  return _kendall_layers(w_icl, w_ft, _pairing(pairing, n), n)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _kendall_layers(w_icl, w_ft, order, n: int):
   layers, items = w_icl.shape[1], w_icl.shape[2]
-  taus = kendall_tau_b(w_icl[:n].reshape(n * layers, items), w_ft[:n][order].reshape(n * layers, items))
+  taus = _tau_b_rows(w_icl[:n].reshape(n * layers, items), w_ft[:n][order].reshape(n * layers, items))
   return taus.reshape(n, layers).mean(axis=0)
 
 
@@ -232,10 +246,15 @@ def random_kendall_per_layer(w_icl, key, max_examples: int | None = None) -> Ran
   """tau_b(w_ICL,i,l, u_i,l), u ~ U[0, 1)^T drawn from ``fold_in(key, l)``, averaged as kendall_per_layer."""
   _check_weights(w_icl)
   n = host._limit(w_icl.shape[0], max_examples)  # pylint: disable=protected-access
+  return _baseline(_random_kendall_layers(w_icl, host._as_key(key), n), "uniform01", key)  # pylint: disable=protected-access
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _random_kendall_layers(w_icl, key, n: int):
   layers, items = w_icl.shape[1], w_icl.shape[2]
   draws = jax.vmap(lambda layer_key: jax.random.uniform(layer_key, (n, items)))(_layer_keys(key, layers))
-  taus = kendall_tau_b(w_icl[:n].reshape(n * layers, items), jnp.swapaxes(draws, 0, 1).reshape(n * layers, items))
-  return _baseline(taus.reshape(n, layers).mean(axis=0), "uniform01", key)
+  taus = _tau_b_rows(w_icl[:n].reshape(n * layers, items), jnp.swapaxes(draws, 0, 1).reshape(n * layers, items))
+  return taus.reshape(n, layers).mean(axis=0)
 
 
 def _check_k(k: int, items: int) -> int:
@@ -258,19 +277,29 @@ def topk_recall_per_layer(w_icl, w_ft, k: int, max_examples: int | None = None, 
   _check_weights(w_icl, w_ft)
   n = host._limit(w_icl.shape[0], max_examples)  # pylint: disable=protected-access
   k = _check_k(k, w_icl.shape[-1])
+  return _topk_recall(w_icl, w_ft, _pairing(pairing, n), k, n)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n"))
+def _topk_recall(w_icl, w_ft, order, k: int, n: int):
   _, icl_top = jax.lax.top_k(_f32(w_icl[:n]), k)
-  return _topk_hits(icl_top, w_ft[:n][_pairing(pairing, n)], k).sum(axis=0) / (n * k)
+  return _topk_hits(icl_top, w_ft[:n][order], k).sum(axis=0) / (n * k)
 
 
 def random_topk_recall_per_layer(w_ft, k: int, key, max_examples: int | None = None) -> RandomBaseline:
   """k uniform random indices (with replacement) per example and layer, counted when among the FT top k."""
   _check_weights(w_ft)
   n = host._limit(w_ft.shape[0], max_examples)  # pylint: disable=protected-access
+  k = _check_k(k, w_ft.shape[2])
+  return _baseline(_random_topk_recall(w_ft, host._as_key(key), k, n), "randint", key)  # pylint: disable=protected-access
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n"))
+def _random_topk_recall(w_ft, key, k: int, n: int):
   layers, items = w_ft.shape[1], w_ft.shape[2]
-  k = _check_k(k, items)
   draws = jax.vmap(lambda layer_key: jax.random.randint(layer_key, (n, k), 0, items))(_layer_keys(key, layers))
   hits = _topk_hits(jnp.swapaxes(draws, 0, 1), w_ft[:n], k)
-  return _baseline(hits.sum(axis=0) / (n * k), "randint", key)
+  return hits.sum(axis=0) / (n * k)
 
 
 def training_attention_report(*args, **kwargs) -> dict:

@@ -19,6 +19,7 @@ and write nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import pathlib
 import signal
@@ -60,6 +61,7 @@ flags.DEFINE_bool("eval_bucket_midpoints", None, "bucket ladder with 1.5x midpoi
 flags.DEFINE_integer("ft_bucket_multiple", None, "FT sequences padded to a multiple of this (default 32)")
 flags.DEFINE_integer("eval_prefix_multiple", None, "cache ICL contexts right-padded to a multiple of this (0: off; GPU: one shape for every task)")
 flags.DEFINE_bool("save_records", None, "write records/*.npz, the per-example analysis arrays (default true)")
+flags.DEFINE_integer("compile_workers", None, "threads compiling every evaluation's batch shapes ahead, overlapping device work (default 0: on first use; GPU: 4)")
 flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; the program holds one layer body whatever the depth)")
 flags.DEFINE_enum("analysis", None, ["host", "device"], "metrics in float64 numpy on the host (default) or in float32 jax on the device (GPU: records stay there)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
@@ -68,7 +70,8 @@ _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sw
               "max_examples", "position",
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
               "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "eval_fixed_rows", "eval_bucket_midpoints",
-              "ft_bucket_multiple", "eval_prefix_multiple", "scan_layers", "save_records", "analysis", "trust_pickle")
+              "ft_bucket_multiple", "eval_prefix_multiple", "scan_layers", "save_records", "analysis", "trust_pickle",
+              "compile_workers")
 
 
 def _model_slug(model: str) -> str:
@@ -138,6 +141,10 @@ def main(argv):
   from dualform import compare, runs
   from experiments import plot
 
+  # Several tasks: a task's results files, plots and folder commit run on this thread while the next task
+  # computes (the first error among them is raised at the end, like any other).
+  finishing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dualform-finish")
+  pending = []
   try:
     jobs = build_configs()
     load = _loader_once()
@@ -145,18 +152,23 @@ def main(argv):
       compare.validate_config(config)
       if not FLAGS.dry_run:
         runs.check_run_folder(workdir, FLAGS.overwrite)
+    defer = (lambda finish: pending.append(finishing.submit(finish))) if len(jobs) > 1 else None
     for config, workdir in jobs:
       print(f"# config of {config.task} -> {workdir}\n{config}", flush=True)
       if FLAGS.dry_run:
         _dry_run(config, workdir)
         continue
       results = compare.run(config, workdir, overwrite=FLAGS.overwrite, finalize=[plot.plot_run],
-                            log=logging.info, load_pretrained=load)
+                            log=logging.info, load_pretrained=load, defer=defer)
       print(compare.summary_markdown(results), flush=True)
+    for future in pending:
+      future.result()
   except (ValueError, FileNotFoundError, KeyError) as error:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+  finally:
+    finishing.shutdown(wait=True)  # earlier tasks' folders are still committed when a later one fails
 
 
 if __name__ == "__main__":

@@ -97,13 +97,13 @@ def test_run_fairseq_sweep_label_pos_and_determinism(tmp_path):
 
 
 def test_accelerator_options_change_speed_not_results(tmp_path):
-  """The GPU options (layer scan, padded ICL cache, fixed rows, no records on disk) give the default run's
-  predictions and metrics. In float64: SimAM_Δ compares small score updates (FT and ICL minus ZSL), which
+  """The GPU options (layer scan, padded ICL cache, fixed rows, no records on disk, compiles ahead on worker
+  threads) give the default run's predictions and metrics. In float64: SimAM_Δ compares small score updates (FT and ICL minus ZSL), which
   amplify float32 rounding of a different summation order."""
   data_dir = write_cb(tmp_path / "data")
   config = _config(data_dir, "random:tiny-fairseq", lr=0.01, dtype="float64")
   fast = _config(data_dir, "random:tiny-fairseq", lr=0.01, dtype="float64", scan_layers=True,
-                 eval_prefix_multiple=64, eval_fixed_rows=True, save_records=False)
+                 eval_prefix_multiple=64, eval_fixed_rows=True, save_records=False, compile_workers=2)
   with jax.enable_x64(True):
     plain = compare.run(config, tmp_path / "plain", load_pretrained=cached_loader)
     accelerated = compare.run(fast, tmp_path / "fast", load_pretrained=cached_loader)
@@ -160,6 +160,26 @@ def test_existing_folder_refused_and_overwrite(tmp_path):
   assert not (workdir / "keep.txt").exists() and (workdir / "results.json").exists()
 
 
+def test_deferred_finish_commits_the_folder_only_when_run(tmp_path):
+  """With ``defer`` the results come back at once and the folder appears only when the deferred step runs
+  (--task all runs it on a thread); a failing finalize step removes the temporary folder and raises."""
+  data_dir = write_cb(tmp_path / "data")
+  config = _config(data_dir, "random:tiny-llama", settings="zsl,icl")
+  deferred = []
+  results = compare.run(config, tmp_path / "run", load_pretrained=cached_loader, defer=deferred.append)
+  assert results["task"] == "cb" and len(deferred) == 1 and not (tmp_path / "run").exists()
+  assert deferred[0]() == tmp_path / "run" and (tmp_path / "run" / "results.json").exists()
+
+  def broken(folder):
+    raise RuntimeError("plot failed")
+
+  deferred.clear()
+  compare.run(config, tmp_path / "broken", load_pretrained=cached_loader, finalize=[broken], defer=deferred.append)
+  with pytest.raises(RuntimeError, match="plot failed"):
+    deferred[0]()
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "run"]
+
+
 def test_untrained_control_keeps_embeddings_and_norms():
   model = cached_pretrained("random:tiny-fairseq").model
   control = compare.untrained_control(model, seed=7)
@@ -184,7 +204,8 @@ def test_config_validation_and_runs():
                                 ("settings", "zsl,icl,bogus", "unknown settings"),
                                 ("perm_ids", "0,1", "one per seed"),
                                 ("seeds", "a,b", "comma list"),
-                                ("model_init", "random", "unknown model_init")):
+                                ("model_init", "random", "unknown model_init"),
+                                ("compile_workers", -1, "compile_workers must be >= 0")):
     bad = configs.get_config("cb")
     setattr(bad, field, value)
     with pytest.raises(ValueError, match=message):

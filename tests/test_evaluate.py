@@ -251,3 +251,29 @@ def test_tasks_with_different_label_counts_share_compiled_batches():
   assert two.label_scores.shape == (5, 2) and five.label_scores.shape == (5, 5)
   np.testing.assert_array_equal(two.label_scores, three.label_scores[:, 1:])
   np.testing.assert_array_equal(five.label_scores[:, :3], three.label_scores)
+
+
+def test_precompile_traces_on_worker_threads_and_the_evaluation_reuses_it():
+  """precompile traces and compiles every batch shape of an evaluation on the executor's threads, under the
+  caller's matmul precision; the evaluation then traces nothing and gives the reference's scores."""
+  import concurrent.futures
+
+  model = build_model(tiny_config("fairseq_dense"), seed=8)
+  context, queries = _inputs(seed=9, count=19)
+  labels = [[5], [9], [17]]
+  kwargs = dict(record=ALL_RECORDS, tokens_per_batch=96, prefix_multiple=64, fixed_rows=True)
+  jax.clear_caches()  # earlier tests may have compiled these shapes already
+  evaluate._AHEAD.clear()  # pylint: disable=protected-access
+  with jax.default_matmul_precision("highest"), concurrent.futures.ThreadPoolExecutor(2) as executor:
+    before = evaluate._TRACES["score"]  # pylint: disable=protected-access
+    started = evaluate.precompile(model, context, queries, labels, executor=executor, **kwargs)
+    assert evaluate.precompile(model, context, queries, labels, executor=executor, **kwargs) == 0  # started
+    for future in list(evaluate._AHEAD.values()):  # pylint: disable=protected-access
+      future.result()
+    assert started >= 2 and evaluate._TRACES["score"] - before == started  # pylint: disable=protected-access
+    fast = evaluate.evaluate(model, context, queries, labels, **kwargs)
+    assert evaluate._TRACES["score"] - before == started and fast.traces == started  # pylint: disable=protected-access
+    slow = evaluate.evaluate_full_sequences(model, context, queries, labels)
+  assert all(future.done() for future in evaluate._AHEAD.values())  # pylint: disable=protected-access
+  assert _relative_error(fast.label_scores, slow.label_scores) <= 1e-5
+  np.testing.assert_array_equal(fast.predictions, slow.predictions)

@@ -236,3 +236,31 @@ def test_cb_packs_19_demonstrations_like_the_original(fairseq_tokenizer):
   assert context.k_eff == 19
   assert context.token_ids[0] == 0 and context.token_ids[-1] == 2
   assert context.context_length + max_query_len < 2048
+
+
+def test_encode_queries_equals_encode_query_per_example():
+  """The batched form gives the per-example queries (inputs in one batch, answers encoded once)."""
+  class BatchingTokenizer(WordTokenizer):
+    calls = 0
+
+    def encode_batch(self, texts):
+      self.calls += 1
+      return [self.encode(text) for text in texts]
+
+  for tok in (WordTokenizer(), BatchingTokenizer()):
+    examples = _pool([1, 2, 3, 4, 5, 6])
+    batched = packing.encode_queries(tok, "sst2", examples)
+    assert batched == [packing.encode_query(tok, "sst2", example) for example in examples]
+    assert [len(query.input_ids) for query in batched] == [count + 2 for count in range(1, 7)]
+    assert packing.encode_queries(tok, "sst2", []) == []
+  assert tok.calls == 1 + 6  # one batch for the six inputs, then one per encode_query
+
+
+def test_an_input_that_encodes_to_no_tokens_is_refused_by_name():
+  class Silent(WordTokenizer):
+    def encode(self, text):
+      return [] if "silent" in text else super().encode(text)
+
+  examples = [Example(fields={"text": "fine"}, label=0, index=0), Example(fields={"text": "silent"}, label=1, index=1)]
+  with pytest.raises(ValueError, match="encodes the input .*silent.* to no tokens"):
+    packing.encode_queries(Silent(), "sst2", examples)

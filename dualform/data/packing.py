@@ -13,6 +13,8 @@ Public names:
   labels_are_single_tokens(tok, task, template_index=0) -> bool
   EncodedQuery      ``input_ids`` (list), ``label_ids`` (one tuple of ids per class), ``gold``, ``index``.
   encode_query(tok, task, example, *, template_index=0, allow_multitoken_labels=False) -> EncodedQuery
+  encode_queries(tok, task, examples, *, ...) -> list[EncodedQuery]   the same, answers encoded once and
+                    inputs in one batch.
   max_query_length(tok, task, examples, ...) -> int
                     ``M = max_i (len(query_input_i) + max_j len(label_j))`` over the evaluated examples.
   demonstration_order(pool_size, seed) -> np.ndarray   ``np.random.default_rng(seed).permutation(pool_size)``.
@@ -148,14 +150,31 @@ def encode_query(tok: Tokenizer, task: str | TaskSpec, example: Example, *, temp
   The input and each answer are encoded separately, so no merge crosses the boundary (PROTOCOL §3).
   Multi-token answers raise ``LabelTokenError`` unless ``allow_multitoken_labels=True``.
   """
+  return encode_queries(tok, task, [example], template_index=template_index,
+                        allow_multitoken_labels=allow_multitoken_labels)[0]
+
+
+def encode_queries(tok: Tokenizer, task: str | TaskSpec, examples: Sequence[Example], *, template_index: int = 0,
+                   allow_multitoken_labels: bool = False) -> list[EncodedQuery]:
+  """:func:`encode_query` of every example: the answers are encoded once and the inputs in one
+  ``encode_batch`` call (the per-example form spent seconds on the label checks of a 2,000-row task)."""
   task = get_task(task)
-  _check_label(task, example)
+  for example in examples:
+    _check_label(task, example)
   if allow_multitoken_labels:
     labels = label_token_ids(tok, task, template_index)
   else:
     labels = tuple((token,) for token in check_single_token_labels(tok, task, template_index))
-  input_ids = _encode(tok, format_input(task, example, template_index), "input")
-  return EncodedQuery(input_ids=input_ids, label_ids=labels, gold=int(example.label), index=example.index)
+  texts = [format_input(task, example, template_index) for example in examples]
+  batch = getattr(tok, "encode_batch", None)  # optional: the Tokenizer protocol needs only ``encode``
+  encoded = (batch(texts) if batch is not None else [tok.encode(text) for text in texts]) if texts else []
+  queries = []
+  for example, text, ids in zip(examples, texts, encoded):
+    if not ids:
+      _encode(tok, text, "input")  # raises the one-line error naming the text
+    queries.append(EncodedQuery(input_ids=[int(token) for token in ids], label_ids=labels,
+                                gold=int(example.label), index=example.index))
+  return queries
 
 
 def max_query_length(tok: Tokenizer, task: str | TaskSpec, examples: Sequence[Example | EncodedQuery], *,
