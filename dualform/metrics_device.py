@@ -198,8 +198,10 @@ def example_level(weights, demo_lengths) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("count",))
 def _example_sums(weights, segments, count: int):
-  summed = jax.ops.segment_sum(jnp.moveaxis(_f32(weights), -1, 0), segments, num_segments=count)
-  return jnp.moveaxis(summed, 0, -1)
+  # A product with the one-hot [T, k] segment matrix, not segment_sum: a GPU scatter-add accumulates in
+  # an unspecified order, so near-tied demonstrations flipped Kendall's ranks from one run to the next.
+  one_hot = jax.nn.one_hot(segments, count, dtype=jnp.float32)
+  return jnp.einsum("nlt,tk->nlk", _f32(weights), one_hot, precision=jax.lax.Precision.HIGHEST)
 
 
 def _tau_b_row(a, b):
