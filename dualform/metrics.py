@@ -64,7 +64,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
-import scipy.stats
 
 EPS = 1e-20  # the original's epsilon in cal_cos_sim and norm_hidden.
 RandomDistribution = Literal["normal", "uniform01"]
@@ -540,6 +539,7 @@ PAIRWISE_KENDALL_MAX_ITEMS = 64  # up to this many items, tau-b is computed from
 
 
 def _kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+  import scipy.stats  # pylint: disable=import-outside-toplevel  # ~1 s to import; only this host path needs it
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # constant input: tau-b is undefined and scipy returns NaN.
     return float(scipy.stats.kendalltau(a, b).statistic)

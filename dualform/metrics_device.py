@@ -230,32 +230,69 @@ def _check_weights(w_icl, w_ft=None):
     raise ValueError(f"w_icl {np.shape(w_icl)} and w_ft {np.shape(w_ft)} must be [N, L, T] of one shape")
 
 
+def _width(items: int) -> int:
+  """Items padded to a power of two (at least 8) inside the Kendall and top-k programs, so the tasks (whose
+  demo-token and demonstration counts differ) share their compiled shapes: on a GPU each new shape of
+  these programs cost ~0.15 s warm (lowering the random draws, reading the cache) and ~1 s cold."""
+  return max(8, 1 << (int(items) - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("n", "width"))
+def _padded_rows(w, n: int, width: int):
+  """The first n rows of [N, L, T] weights, items zero-padded to ``width``: [n, L, width] float32."""
+  return jnp.pad(_f32(w[:n]), ((0, 0), (0, 0), (0, width - w.shape[-1])))
+
+
+def _prepared(w, n: int):
+  """(padded first rows, valid item count as a device scalar) of [N, L, T] weights."""
+  return _padded_rows(w, n, _width(w.shape[-1])), jnp.asarray(w.shape[-1], jnp.int32)
+
+
+def _masked_tau_b_rows(first, second, items):
+  """tau-b of each row pair of [B, width] arrays over their first ``items`` entries (padding pairs count
+  zero, so the value is the unpadded one: the sums are of integers, exact in float32). [B]."""
+  valid = jnp.arange(first.shape[-1]) < items
+  pairs = valid[:, None] & valid[None, :]
+
+  def row(pair):
+    a, b = pair
+    sign_a = jnp.where(pairs, jnp.sign(a[:, None] - a[None, :]), 0.0)
+    sign_b = jnp.where(pairs, jnp.sign(b[:, None] - b[None, :]), 0.0)
+    return jnp.sum(sign_a * sign_b) / jnp.sqrt(jnp.sum(sign_a * sign_a) * jnp.sum(sign_b * sign_b))
+
+  return jax.lax.map(row, (first, second), batch_size=KENDALL_ROWS_PER_BLOCK)
+
+
 def kendall_per_layer(w_icl, w_ft, max_examples: int | None = None, pairing=None) -> jax.Array:
   """tau_l = (1/N') sum_{i<N'} tau_b(w_ICL,i,l, w_FT,π(i),l), N' = min(N, max_examples). [L]."""
   _check_weights(w_icl, w_ft)
   n = host._limit(w_icl.shape[0], max_examples)  # pylint: disable=protected-access
-  return _kendall_layers(w_icl, w_ft, _pairing(pairing, n), n)
+  (icl, items), (ft, _) = _prepared(w_icl, n), _prepared(w_ft, n)
+  return _kendall_layers(icl, ft, _pairing(pairing, n), items)
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _kendall_layers(w_icl, w_ft, order, n: int):
-  layers, items = w_icl.shape[1], w_icl.shape[2]
-  taus = _tau_b_rows(w_icl[:n].reshape(n * layers, items), w_ft[:n][order].reshape(n * layers, items))
+@jax.jit
+def _kendall_layers(w_icl, w_ft, order, items):
+  n, layers, width = w_icl.shape
+  taus = _masked_tau_b_rows(w_icl.reshape(n * layers, width), w_ft[order].reshape(n * layers, width), items)
   return taus.reshape(n, layers).mean(axis=0)
 
 
 def random_kendall_per_layer(w_icl, key, max_examples: int | None = None) -> RandomBaseline:
-  """tau_b(w_ICL,i,l, u_i,l), u ~ U[0, 1)^T drawn from ``fold_in(key, l)``, averaged as kendall_per_layer."""
+  """tau_b(w_ICL,i,l, u_i,l), u ~ U[0, 1)^T drawn from ``fold_in(key, l)``, averaged as kendall_per_layer.
+  (The draws fill the padded width; the first T of them are used.)"""
   _check_weights(w_icl)
   n = host._limit(w_icl.shape[0], max_examples)  # pylint: disable=protected-access
-  return _baseline(_random_kendall_layers(w_icl, host._as_key(key), n), "uniform01", key)  # pylint: disable=protected-access
+  icl, items = _prepared(w_icl, n)
+  return _baseline(_random_kendall_layers(icl, host._as_key(key), items), "uniform01", key)  # pylint: disable=protected-access
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _random_kendall_layers(w_icl, key, n: int):
-  layers, items = w_icl.shape[1], w_icl.shape[2]
-  draws = jax.vmap(lambda layer_key: jax.random.uniform(layer_key, (n, items)))(_layer_keys(key, layers))
-  taus = _tau_b_rows(w_icl[:n].reshape(n * layers, items), jnp.swapaxes(draws, 0, 1).reshape(n * layers, items))
+@jax.jit
+def _random_kendall_layers(w_icl, key, items):
+  n, layers, width = w_icl.shape
+  draws = jax.vmap(lambda layer_key: jax.random.uniform(layer_key, (n, width)))(_layer_keys(key, layers))
+  taus = _masked_tau_b_rows(w_icl.reshape(n * layers, width), jnp.swapaxes(draws, 0, 1).reshape(n * layers, width),
+                            items)
   return taus.reshape(n, layers).mean(axis=0)
 
 
@@ -266,11 +303,15 @@ def _check_k(k: int, items: int) -> int:
   return k
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _topk_hits(candidates, reference, k: int):
-  """[N, L] counts of the k candidate indices among the top k of ``reference`` (lax.top_k: ties to the
-  lowest index, as a stable sort)."""
-  _, top = jax.lax.top_k(_f32(reference), k)  # [N, L, k]
+def _top(w, items, k: int):
+  """Indices of the k largest of the first ``items`` entries (lax.top_k: ties to the lowest index, as a
+  stable sort; padding is never chosen since k <= items)."""
+  valid = jnp.arange(w.shape[-1]) < items
+  return jax.lax.top_k(jnp.where(valid, w, -jnp.inf), k)[1]
+
+
+def _topk_hits(candidates, top):
+  """[N, L] counts of the candidate indices among the ``top`` indices."""
   return jnp.any(candidates[..., :, None] == top[..., None, :], axis=-1).sum(axis=-1)
 
 
@@ -279,13 +320,14 @@ def topk_recall_per_layer(w_icl, w_ft, k: int, max_examples: int | None = None, 
   _check_weights(w_icl, w_ft)
   n = host._limit(w_icl.shape[0], max_examples)  # pylint: disable=protected-access
   k = _check_k(k, w_icl.shape[-1])
-  return _topk_recall(w_icl, w_ft, _pairing(pairing, n), k, n)
+  (icl, items), (ft, _) = _prepared(w_icl, n), _prepared(w_ft, n)
+  return _topk_recall(icl, ft, _pairing(pairing, n), items, k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "n"))
-def _topk_recall(w_icl, w_ft, order, k: int, n: int):
-  _, icl_top = jax.lax.top_k(_f32(w_icl[:n]), k)
-  return _topk_hits(icl_top, w_ft[:n][order], k).sum(axis=0) / (n * k)
+@functools.partial(jax.jit, static_argnames=("k",))
+def _topk_recall(w_icl, w_ft, order, items, k: int):
+  n = w_icl.shape[0]
+  return _topk_hits(_top(w_icl, items, k), _top(w_ft[order], items, k)).sum(axis=0) / (n * k)
 
 
 def random_topk_recall_per_layer(w_ft, k: int, key, max_examples: int | None = None) -> RandomBaseline:
@@ -293,15 +335,15 @@ def random_topk_recall_per_layer(w_ft, k: int, key, max_examples: int | None = N
   _check_weights(w_ft)
   n = host._limit(w_ft.shape[0], max_examples)  # pylint: disable=protected-access
   k = _check_k(k, w_ft.shape[2])
-  return _baseline(_random_topk_recall(w_ft, host._as_key(key), k, n), "randint", key)  # pylint: disable=protected-access
+  ft, items = _prepared(w_ft, n)
+  return _baseline(_random_topk_recall(ft, host._as_key(key), items, k), "randint", key)  # pylint: disable=protected-access
 
 
-@functools.partial(jax.jit, static_argnames=("k", "n"))
-def _random_topk_recall(w_ft, key, k: int, n: int):
-  layers, items = w_ft.shape[1], w_ft.shape[2]
+@functools.partial(jax.jit, static_argnames=("k",))
+def _random_topk_recall(w_ft, key, items, k: int):
+  n, layers, _ = w_ft.shape
   draws = jax.vmap(lambda layer_key: jax.random.randint(layer_key, (n, k), 0, items))(_layer_keys(key, layers))
-  hits = _topk_hits(jnp.swapaxes(draws, 0, 1), w_ft[:n], k)
-  return hits.sum(axis=0) / (n * k)
+  return _topk_hits(jnp.swapaxes(draws, 0, 1), _top(w_ft, items, k)).sum(axis=0) / (n * k)
 
 
 def training_attention_report(*args, **kwargs) -> dict:
