@@ -291,7 +291,8 @@ class _Evaluator:
 
   def _split(self, model) -> tuple:
     """``nnx.split(model)``, once per model of this run (a graph walk of every layer costs ~0.1 s per call
-    for the 2.7B config on a GPU host, and each task evaluates the pretrained model up to six times)."""
+    for the 2.7B config on a GPU host, and each task evaluates the pretrained model up to six times);
+    :meth:`forget` drops a finetuned copy's."""
     if id(model) not in self._splits:
       self._splits[id(model)] = (model, nnx.split(model))
     return self._splits[id(model)][1]
@@ -372,6 +373,7 @@ def _sweep_learning_rate(prepared: _Prepared, context: packing.PackedContext, se
       continue
     result = evaluator(trained.model, zero_shot, [query.input_ids for query in queries], prepared.label_tokens,
                        evaluate_lib.NO_RECORDS, f"lr sweep {lr:g}")
+    evaluator.forget(trained.model)
     gold_log_prob = float(np.mean(result.label_scores[np.arange(len(gold)), gold]))
     rows.append({"lr": float(lr), "accuracy": result.accuracy(gold), "mean_gold_log_prob": gold_log_prob,
                  "diverged": False})
