@@ -49,21 +49,13 @@ VARIANTS = {
 def _worker() -> dict:
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
 
+  from benchmarks.random_batch import random_batch_setup
   from dualform import evaluate
   from dualform.compare import SETTINGS
-  from dualform.models import build_model, get_config
-  from dualform.static import interned
 
-  config = get_config(FLAGS.model).replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers)
-  model = build_model(config, 0)
-  graphdef, state = nnx.split(model)
-  graphdef = interned(graphdef)
-  rng = np.random.default_rng(0)
-  prefix = jnp.asarray(rng.integers(4, 1000, (1, FLAGS.cache)), jnp.int32)
-  valid = jnp.asarray(max(1, FLAGS.cache - 100), jnp.int32)
+  setup = random_batch_setup(FLAGS.model, FLAGS.dtype, FLAGS.scan_layers, FLAGS.cache)
+  graphdef, state, prefix, valid, rng = setup.graphdef, setup.state, setup.prefix, setup.valid, setup.rng
   start = time.perf_counter()
   encoder = evaluate._encode_prefix.lower(graphdef, state, prefix, valid).compile()  # pylint: disable=protected-access
   prefix_compile = time.perf_counter() - start

@@ -23,14 +23,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from flax import nnx
 
+from benchmarks.random_batch import random_batch_setup
 from dualform import evaluate
 from dualform.compare import SETTINGS
-from dualform.models import build_model, get_config
-from dualform.static import interned
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "fairseq-dense-2.7b", "named config (random weights)")
@@ -45,13 +42,9 @@ flags.DEFINE_bool("scan_layers", True, "run the layers as one lax.scan (the GPU 
 
 def main(argv):
   del argv
-  config = get_config(FLAGS.model).replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers)
-  model = build_model(config, 0)
-  graphdef, state = nnx.split(model)
-  graphdef = interned(graphdef)
-  rng = np.random.default_rng(0)
-  prefix = jnp.asarray(rng.integers(4, 1000, (1, FLAGS.cache)), jnp.int32)
-  cache = evaluate._encode_prefix(graphdef, state, prefix, jnp.asarray(max(1, FLAGS.cache - 100), jnp.int32))  # pylint: disable=protected-access
+  setup = random_batch_setup(FLAGS.model, FLAGS.dtype, FLAGS.scan_layers, FLAGS.cache)
+  config, graphdef, state, rng = setup.config, setup.graphdef, setup.state, setup.rng
+  cache = evaluate._encode_prefix(graphdef, state, setup.prefix, setup.valid)  # pylint: disable=protected-access
   labels = jnp.asarray([5, 9, 5, 5, 5, 5, 5, 5], jnp.int32)
   variants = [(f"zsl rows={rows}{' records' if records else ''}", None, int(rows), records)
               for rows in FLAGS.zsl_rows for records in (True, False)]
