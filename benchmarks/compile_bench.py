@@ -27,14 +27,13 @@ import time
 
 from absl import app, flags
 
+from benchmarks.model_flags import define_model_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "fairseq-dense-2.7b", "named config (random weights)")
-flags.DEFINE_string("dtype", "bfloat16", "parameter and compute dtype")
-flags.DEFINE_integer("cache", 2048, "padded prefix length (valid length: cache - 100, at least 1)")
+define_model_flags(prefix=True, cache_help="padded prefix length")
 flags.DEFINE_integer("bucket", 128, "padded query length")
 flags.DEFINE_integer("rows", 124, "rows per batch (the GPU run's rows at bucket 64 under its score budget)")
 flags.DEFINE_integer("repeats", 5, "timed calls of the compiled batch; the median is reported")
-flags.DEFINE_bool("scan_layers", True, "run the layers as one lax.scan (the GPU run's setting)")
 flags.DEFINE_list("variants", ["default", "no_triton_gemm", "autotune_2"], f"XLA_FLAGS variants")
 flags.DEFINE_string("worker", None, "internal: run one variant in this process and print one JSON line")
 

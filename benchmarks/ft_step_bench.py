@@ -20,12 +20,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.model_flags import define_model_flags
 from dualform import finetune
 from dualform.models import build_model, get_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "fairseq-dense-2.7b", "named config (random weights)")
-flags.DEFINE_string("dtype", "bfloat16", "parameter and compute dtype")
+define_model_flags()
 flags.DEFINE_integer("steps", 32, "demonstrations (one step each)")
 flags.DEFINE_integer("length", 60, "tokens per demonstration")
 flags.DEFINE_integer("bucket_multiple", 64, "sequences are padded to a multiple of this")

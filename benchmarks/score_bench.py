@@ -25,19 +25,17 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.model_flags import define_model_flags
 from benchmarks.random_batch import random_batch_setup
 from dualform import evaluate
 from dualform.compare import SETTINGS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "fairseq-dense-2.7b", "named config (random weights)")
-flags.DEFINE_string("dtype", "bfloat16", "parameter and compute dtype")
-flags.DEFINE_integer("cache", 2048, "padded ICL prefix length (valid length: cache - 100, at least 1)")
+define_model_flags(prefix=True)
 flags.DEFINE_integer("bucket", 64, "padded query length")
 flags.DEFINE_list("zsl_rows", ["512"], "rows of the zero-shot batches")
 flags.DEFINE_list("icl_rows", ["124", "256", "512"], "rows of the ICL batches")
 flags.DEFINE_integer("repeats", 5, "timed calls per variant; the median is reported")
-flags.DEFINE_bool("scan_layers", True, "run the layers as one lax.scan (the GPU run's setting)")
 
 
 def main(argv):

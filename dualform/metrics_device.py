@@ -204,17 +204,9 @@ def _example_sums(weights, segments, count: int):
   return jnp.einsum("nlt,tk->nlk", _f32(weights), one_hot, precision=jax.lax.Precision.HIGHEST)
 
 
-def _tau_b_row(a, b):
-  sign_a = jnp.sign(a[:, None] - a[None, :])
-  sign_b = jnp.sign(b[:, None] - b[None, :])
-  # Every pair counted twice (i < j and j < i): the ratio is the one-sided tau-b.
-  return jnp.sum(sign_a * sign_b) / jnp.sqrt(jnp.sum(sign_a * sign_a) * jnp.sum(sign_b * sign_b))
-
-
 @jax.jit
 def _tau_b_rows(first, second):
-  return jax.lax.map(lambda pair: _tau_b_row(*pair), (_f32(first), _f32(second)),
-                     batch_size=KENDALL_ROWS_PER_BLOCK)
+  return _masked_tau_b_rows(_f32(first), _f32(second), first.shape[-1])  # every item valid
 
 
 def kendall_tau_b(first, second) -> jax.Array:
@@ -250,7 +242,8 @@ def _prepared(w, n: int):
 
 def _masked_tau_b_rows(first, second, items):
   """tau-b of each row pair of [B, width] arrays over their first ``items`` entries (padding pairs count
-  zero, so the value is the unpadded one: the sums are of integers, exact in float32). [B]."""
+  zero, so the value is the unpadded one: the sums are of integers, exact in float32). [B]. Every pair is
+  counted twice (i < j and j < i): the ratio is the one-sided tau-b."""
   valid = jnp.arange(first.shape[-1]) < items
   pairs = valid[:, None] & valid[None, :]
 

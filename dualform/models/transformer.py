@@ -385,8 +385,8 @@ class Transformer(nnx.Module):
            != (first.attn.kind, first.attn.eta, first.attn.config) for block in self.layers[1:]):
       return None  # layers differ in structure (their static attention attributes)
     # One split (layer 0) gives the body's GraphDef and the parameter paths; the other layers' values are
-    # read by attribute: splitting every layer (a graph walk each) cost a fifth of each trace (0.064 s ->
-    # 0.051 s for the 2.7B config on this project's CPU; a GPU run traces every batch shape once).
+    # read by attribute: splitting every layer (a graph walk each) cost a sixth of each trace (benchmarks/
+    # trace_bench.py, 2.7B config; a GPU run traces every batch shape once).
     graphdef, first_state = nnx.split(first)
     flat = list(first_state.flat_state())
 
