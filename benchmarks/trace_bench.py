@@ -3,7 +3,8 @@ r"""Host seconds to trace and to lower one evaluation batch (``evaluate._score_b
 Nothing is allocated or compiled: the model is abstract (``ShapeDtypeStruct`` leaves). Every distinct batch
 shape of a run is traced and lowered once before it compiles (or is read from the persistent cache), so on
 a GPU host with a slow Python this is part of each shape's first-use cost. Prints the medians over
-``--shapes`` bucket lengths (after ``--warmup`` untimed ones), with the garbage collector off.
+``--shapes`` bucket lengths (after ``--warmup`` untimed ones, garbage collector off) with the layers as
+one ``lax.scan`` (the GPU run's setting) and unrolled, as ratios against the unrolled layers.
 
 Command: ``python -m benchmarks.trace_bench --model fairseq-dense-2.7b``.
 """
@@ -31,14 +32,13 @@ flags.DEFINE_integer("warmup", 2, "untimed bucket lengths first")
 flags.DEFINE_integer("rows", 256, "rows per batch")
 
 
-def main(argv):
-  del argv
-  config = get_config(FLAGS.model).replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype, scan_layers=True)
+def _medians(scan_layers: bool) -> tuple[float, float]:
+  """(trace, lower) median seconds of ``--shapes`` batch shapes with the layers scanned or unrolled."""
+  config = get_config(FLAGS.model).replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype, scan_layers=scan_layers)
   graphdef, state = nnx.split(abstract_model(config))
   graphdef = interned(graphdef)
   labels = jax.ShapeDtypeStruct((8,), jnp.int32)
   record = evaluate.EvalRecordSpec(attn_out=True)
-  gc.disable()
   traces, lowers = [], []
   for index in range(FLAGS.warmup + FLAGS.shapes):
     bucket = 40 + 8 * index
@@ -52,9 +52,18 @@ def main(argv):
     if index >= FLAGS.warmup:
       traces.append(middle - start)
       lowers.append(end - middle)
+  return statistics.median(traces), statistics.median(lowers)
+
+
+def main(argv):
+  del argv
+  gc.disable()
+  scanned, unrolled = _medians(True), _medians(False)
   gc.enable()
-  print(f"{FLAGS.model} {FLAGS.dtype}, scan_layers, {FLAGS.rows} rows: trace median {statistics.median(traces):.4f} s, "
-        f"lower median {statistics.median(lowers):.4f} s")
+  print(f"{FLAGS.model} {FLAGS.dtype}, {FLAGS.rows} rows; ratios against the unrolled layers")
+  print("| layers | trace (s) | lower (s) | trace ratio | lower ratio |\n|---|---:|---:|---:|---:|")
+  for name, (trace, lower) in (("unrolled", unrolled), ("lax.scan", scanned)):
+    print(f"| {name} | {trace:.4f} | {lower:.4f} | {trace / unrolled[0]:.2f} | {lower / unrolled[1]:.2f} |")
 
 
 if __name__ == "__main__":
