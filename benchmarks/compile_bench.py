@@ -53,7 +53,8 @@ def _worker() -> dict:
   from dualform import evaluate
   from dualform.compare import SETTINGS
 
-  setup = random_batch_setup(FLAGS.model, FLAGS.dtype, FLAGS.scan_layers, FLAGS.cache)
+  setup = random_batch_setup(FLAGS.model, FLAGS.dtype, FLAGS.scan_layers, FLAGS.cache,
+                             prefix_attention=FLAGS.prefix_attention)
   graphdef, state, prefix, valid, rng = setup.graphdef, setup.state, setup.prefix, setup.valid, setup.rng
   start = time.perf_counter()
   encoder = evaluate._encode_prefix.lower(graphdef, state, prefix, valid).compile()  # pylint: disable=protected-access

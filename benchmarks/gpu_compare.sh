@@ -24,7 +24,7 @@ export JAX_LOG_COMPILES=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:
 ARGS="--task ${TASK:-all} --model random:fairseq-dense-2.7b --dtype bfloat16 --eval_tokens_per_batch 32768
   --eval_minimum_bucket 32 --noeval_bucket_midpoints --eval_fixed_rows --ft_bucket_multiple 192 --kendall_max_examples 100
   --eval_score_budget 536870912 --scan_layers --eval_prefix_multiple 2048 --save_records=false --analysis device
-  --compile_workers 4
+  --compile_workers 4 --prefix_attention cudnn
   ${EXTRA:-}"
 echo "python3 -m experiments.compare $ARGS" | tr -s ' \n' ' ' | tee "$OUT/summary.txt"; echo | tee -a "$OUT/summary.txt"
 limits=("${1:-600}" "${2:-600}")

@@ -13,3 +13,4 @@ def define_model_flags(*, prefix: bool = False, cache_help: str = "padded ICL pr
   if prefix:
     flags.DEFINE_integer("cache", 2048, f"{cache_help} (valid length: cache - 100, at least 1)")
     flags.DEFINE_bool("scan_layers", True, "run the layers as one lax.scan (the GPU run's setting)")
+    flags.DEFINE_enum("prefix_attention", "xla", ["xla", "cudnn"], "shared-prefix attention implementation")

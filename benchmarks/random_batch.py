@@ -27,8 +27,10 @@ class RandomBatchSetup:
   rng: np.random.Generator
 
 
-def random_batch_setup(model: str, dtype: str, scan_layers: bool, cache: int, seed: int = 0) -> RandomBatchSetup:
-  config = get_config(model).replace(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+def random_batch_setup(model: str, dtype: str, scan_layers: bool, cache: int, seed: int = 0,
+                       prefix_attention: str = "xla") -> RandomBatchSetup:
+  config = get_config(model).replace(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
+                                     prefix_attention=prefix_attention)
   graphdef, state = nnx.split(build_model(config, seed))
   rng = np.random.default_rng(seed)
   prefix = jnp.asarray(rng.integers(4, 1000, (1, cache)), jnp.int32)

@@ -122,10 +122,71 @@ def weighted_values(weights: Float[Array, "B N T S"], v: Float[Array, "B S K H"]
   return out.reshape(batch, num_queries, num_heads, v.shape[-1])
 
 
+PrefixImplementation = Literal["xla", "cudnn"]
+PREFIX_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn")
+
+
+def prefix_block_cudnn(q: Float[Array, "B T N H"], prefix_k: Float[Array, "1 C K H"],
+                       prefix_v: Float[Array, "1 C K H"], *, scale: float,
+                       prefix_length: Int[Array, ""] | int | None = None
+                       ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N T"]]:
+  """Softmax attention of every query over the shared prefix alone, by cuDNN's fused (flash) kernel:
+  (out_t = sum_s softmax_s(a_ts) pv_s [B, T, N, H] in q's dtype, lse_t = log sum_s e^{a_ts} [B, N, T] float32),
+  with a_ts = scale * q_t . pk_s over the keys s < ``prefix_length``.
+
+  The B*T queries are one sequence of one batch row (every query sees every valid prefix key, so no mask
+  but the padding), so the [B, N, T, C] scores never reach memory. Needs a CUDA GPU and bfloat16 or
+  float16 inputs. The log-sum-exp comes from jax's cuDNN wrapper itself: ``jax.nn.dot_product_attention``
+  returns it rounded to q's dtype, too coarse to merge with another key block (bfloat16 spacing is 1/16 at
+  lse ~ 10).
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+
+  if jax.default_backend() != "gpu":
+    raise ValueError("prefix attention implementation 'cudnn' needs a CUDA GPU; use 'xla' on "
+                     f"{jax.default_backend()}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"prefix attention implementation 'cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
+  batch, seq, num_heads, head_dim = q.shape
+  keys = prefix_k.shape[1]
+  valid = keys if prefix_length is None else prefix_length
+  rows = q.reshape(1, batch * seq, num_heads, head_dim)
+  out, lse = cudnn.dot_product_attention(
+      rows, prefix_k.astype(q.dtype), prefix_v.astype(q.dtype),
+      q_seqlen=jnp.full((1,), batch * seq, jnp.int32),
+      kv_seqlen=jnp.reshape(jnp.asarray(valid, jnp.int32), (1,)),
+      scale=scale, mask_type=cudnn.MaskType.PADDING, return_residual=True)
+  # the residual is [1, N, B*T] whatever the layout
+  lse = jnp.transpose(lse.astype(jnp.float32).reshape(num_heads, batch, seq), (1, 0, 2))
+  return out.reshape(batch, seq, num_heads, head_dim), lse
+
+
+def merge_prefix_block(prefix_out: Float[Array, "B T N H"], prefix_lse: Float[Array, "B N T"],
+                       q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], *,
+                       scale: float) -> Float[Array, "B T N H"]:
+  """Completes causal softmax attention over [prefix; own tokens] from the prefix block's normalised
+  output and log-sum-exp (as a flash kernel returns them) and the own-token block [B, N, T, T]:
+
+    lse_t = logaddexp(lse^p_t, log sum_{j<=t} e^{b_tj}),
+    out_t = e^{lse^p_t - lse_t} out^p_t + sum_{j<=t} e^{b_tj - lse_t} v_j        (b: own-token scores)
+
+  in at least float32. Returns q's dtype."""
+  dtype = jnp.promote_types(q.dtype, jnp.float32)
+  seq = q.shape[1]
+  own = attention_scores(q.astype(dtype), k.astype(dtype), scale=scale)  # [B, N, T, T]
+  own = jnp.where(causal_mask(seq, seq), own, jnp.finfo(dtype).min)
+  total = jnp.logaddexp(prefix_lse.astype(dtype), jax.nn.logsumexp(own, axis=-1))  # [B, N, T]
+  prefix_weight = jnp.swapaxes(jnp.exp(prefix_lse.astype(dtype) - total), 1, 2)[..., None]  # [B, T, N, 1]
+  out = prefix_out.astype(dtype) * prefix_weight + weighted_values(jnp.exp(own - total[..., None]),
+                                                                    v.astype(dtype))
+  return out.astype(q.dtype)
+
+
 def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"],
                      prefix_k: Float[Array, "1 C K H"], prefix_v: Float[Array, "1 C K H"], *,
                      kind: AttentionKind = "softmax", scale: float | None = None,
-                     prefix_length: Int[Array, ""] | int | None = None) -> Float[Array, "B T N H"]:
+                     prefix_length: Int[Array, ""] | int | None = None,
+                     implementation: PrefixImplementation = "xla") -> Float[Array, "B T N H"]:
   """Causal attention of B rows of T new tokens over one shared prefix of C tokens and over themselves.
 
   ``prefix_length`` (optional, may be traced): only prefix keys ``s < prefix_length`` are attended to; the
@@ -144,9 +205,16 @@ def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: 
   unsplit attention's (:func:`attention_scores`); the softmax and the normalisation are in at least float32,
   and the weighted prefix values multiply in q's dtype with at least float32 accumulation (bfloat16 models:
   tensor-core products, and no float32 [K, M, C] tensor in memory). Returns q's dtype.
+
+  ``implementation="cudnn"`` (softmax, CUDA GPU, bfloat16/float16): the prefix block by cuDNN's fused
+  kernel (:func:`prefix_block_cudnn`), so the [K, M, C] scores are never written, merged with the
+  own-token block by its log-sum-exp (:func:`merge_prefix_block`); same attention, other rounding.
   """
   if kind not in ("softmax", "linear_relaxed"):
     raise ValueError(f"prefix_attention supports softmax and linear_relaxed, not {kind!r}")
+  if implementation not in PREFIX_IMPLEMENTATIONS:
+    raise ValueError(f"unknown prefix attention implementation {implementation!r}; choose one of "
+                     f"{PREFIX_IMPLEMENTATIONS}")
   num_kv_heads, group = _check_shapes(q, k, v)
   if prefix_k.shape[0] != 1 or prefix_k.shape[2:] != k.shape[2:] or prefix_v.shape != prefix_k.shape:
     raise ValueError(f"prefix keys/values must be [1, C, {k.shape[2]}, {k.shape[3]}]; got "
@@ -154,6 +222,12 @@ def prefix_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: 
   batch, seq, num_heads, head_dim = q.shape
   if scale is None:
     scale = head_dim ** -0.5
+  if implementation == "cudnn":
+    if kind != "softmax":
+      raise ValueError(f"prefix attention implementation 'cudnn' computes softmax attention, not {kind!r}; "
+                       "use 'xla'")
+    prefix_out, prefix_lse = prefix_block_cudnn(q, prefix_k, prefix_v, scale=scale, prefix_length=prefix_length)
+    return merge_prefix_block(prefix_out, prefix_lse, q, k, v, scale=scale)
   dtype = jnp.promote_types(q.dtype, jnp.float32)
   # [K, M, H] with M = (batch, seq, group): every query of one key/value head in one matrix.
   rows = jnp.transpose(q.reshape(batch, seq, num_kv_heads, group, head_dim), (2, 0, 1, 3, 4))

@@ -47,7 +47,7 @@ from dualform import runs
 from dualform.data import packing, tasks
 from dualform.data.templates import format_input
 from dualform.evaluate import EvalRecordSpec
-from dualform.models.transformer import Transformer, build_model, param_count
+from dualform.models.transformer import Transformer, build_model, param_count, set_prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,14 @@ def validate_config(config) -> None:
     raise ValueError(f"lr must be positive; got {config.lr}")
   if int(config.get("compile_workers", 0)) < 0:
     raise ValueError(f"compile_workers must be >= 0 (0: compile on first use); got {config.compile_workers}")
+  prefix_attention = config.get("prefix_attention", "xla")
+  if prefix_attention not in ("xla", "cudnn"):
+    raise ValueError(f"unknown prefix_attention {prefix_attention!r}; choose xla or cudnn")
+  if prefix_attention == "cudnn" and config.dtype not in ("bfloat16", "float16"):
+    raise ValueError(f"prefix_attention cudnn needs --dtype bfloat16 (cuDNN has no {config.dtype} fused attention)")
+  if prefix_attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"prefix_attention cudnn needs a CUDA GPU; this run's backend is {jax.default_backend()}: "
+                     "use xla")
   if config.get("analysis", "host") not in ANALYSES:
     raise ValueError(f"unknown analysis {config.analysis!r}; choose host (float64 numpy) or device (float32 jax)")
   if config.random_baseline not in ("normal", "uniform01"):
@@ -244,6 +252,8 @@ def prepare(config, *, load_pretrained: Callable | None = None) -> _Prepared:
   model, tokenizer, info = pretrained.model, pretrained.tokenizer, dict(pretrained.info)
   if config.get("scan_layers"):
     model.config = model.config.replace(scan_layers=True)
+  if config.get("prefix_attention", "xla") != model.config.prefix_attention:
+    set_prefix_attention(model, config.prefix_attention)
   single_token = packing.labels_are_single_tokens(tokenizer, task, config.template_index)
   all_queries = packing.encode_queries(tokenizer, task, eval_all, template_index=config.template_index,
                                        allow_multitoken_labels=config.allow_multitoken_labels)

@@ -238,7 +238,10 @@ _EVAL_OPTIONS_DOC = """
 
 @dataclasses.dataclass
 class _Setup:
-  """What one evaluation needs before its batches: the split model, the encoded context, the batching."""
+  """What one evaluation needs before its batches: the split model, the encoded context, the batching.
+
+  ``cache_signature``: None without a context, else (cached length C, padded?), which with the graphdef fixes
+  the cache's shapes; ``encode_cache()`` encodes the context (``cache`` holds it once encoded)."""
 
   graphdef: Hashed
   state: object
@@ -248,6 +251,8 @@ class _Setup:
   batching: Callable
   place: Callable
   context_length: int
+  cache_signature: tuple[int, bool] | None
+  encode_cache: Callable[[], KVCache | None]
 
 
 def _setup(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
@@ -255,8 +260,8 @@ def _setup(model: Transformer, context: Sequence[int], query_inputs: Sequence[Se
            tokens_per_batch: int = 4096, score_budget: int | None = None, minimum_bucket: int = 16,
            bucket_midpoints: bool = True, pad_id: int = 0, allow_multitoken_labels: bool = False,
            shard_batch: Callable | None = None, row_multiple: int = 1, fixed_rows: bool = False,
-           prefix_multiple: int | None = None, split: tuple | None = None) -> _Setup:
-  """Validates the inputs, splits the model, encodes the context once and fixes the batching."""
+           prefix_multiple: int | None = None, split: tuple | None = None, encode: bool = True) -> _Setup:
+  """Validates the inputs, splits the model, encodes the context once (``encode``) and fixes the batching."""
   single, label_ids = _single_label_ids(label_tokens)
   if not single and not allow_multitoken_labels:
     raise ValueError("a label word is several tokens; set allow_multitoken_labels=True (analysis is then skipped)")
@@ -273,13 +278,20 @@ def _setup(model: Transformer, context: Sequence[int], query_inputs: Sequence[Se
   longest = len(context) + max(len(query) for query in query_inputs) + max(len(label) for label in label_tokens)
   if prefix_multiple and longest > model.config.max_len:  # (unpadded, the model itself refuses it)
     raise ValueError(f"sequence of {longest} tokens exceeds the model context of {model.config.max_len}")
-  if not context:
-    cache = None
-  elif not prefix_multiple:
-    cache = _encode_prefix(graphdef, state, jnp.asarray([context], jnp.int32))
-  else:
+  signature = (cached_length, bool(prefix_multiple)) if context else None
+
+  def encode_cache() -> KVCache | None:
+    if not context:
+      return None
+    if not prefix_multiple:
+      return _encode_prefix(graphdef, state, jnp.asarray([context], jnp.int32))
     padded = context + [pad_id] * (cached_length - len(context))
-    cache = _encode_prefix(graphdef, state, jnp.asarray([padded], jnp.int32), jnp.asarray(len(context), jnp.int32))
+    return _encode_prefix(graphdef, state, jnp.asarray([padded], jnp.int32), jnp.asarray(len(context), jnp.int32))
+
+  cache = None
+  if encode:
+    _wait_ahead(("encode", graphdef, signature))  # a precompile may be compiling the same encoder
+    cache = encode_cache()
   # Positions left for a query after the context cap the buckets; a padded cache needs no cap (its
   # continuations start at the valid length and only padding rows reach past the model context), so every
   # context shares the same bucket ladder.
@@ -291,7 +303,8 @@ def _setup(model: Transformer, context: Sequence[int], query_inputs: Sequence[Se
                                fixed_rows=fixed_rows, score_budget=score_budget,
                                scores_per_row=lambda bucket: heads * bucket * (cached_length + bucket))
   return _Setup(graphdef=graphdef, state=state, cache=cache, single=single, label_ids=label_ids,
-                batching=batching, place=shard_batch or jax.device_put, context_length=len(context))
+                batching=batching, place=shard_batch or jax.device_put, context_length=len(context),
+                cache_signature=signature, encode_cache=encode_cache)
 
 
 def evaluate(model: Transformer, context: Sequence[int], query_inputs: Sequence[Sequence[int]],
@@ -333,8 +346,7 @@ _AHEAD: dict[tuple, concurrent.futures.Future] = {}
 
 
 def _ahead_key(setup: _Setup, record: EvalRecordSpec, tokens_shape: tuple[int, int], slots: int) -> tuple:
-  cache = None if setup.cache is None else tuple((leaf.shape, leaf.dtype.name) for leaf in jax.tree.leaves(setup.cache))
-  return (setup.graphdef, record, cache, tuple(tokens_shape), slots)
+  return (setup.graphdef, record, setup.cache_signature, tuple(tokens_shape), slots)
 
 
 def _wait_ahead(key: tuple) -> None:
@@ -357,31 +369,47 @@ def precompile(model: Transformer, context: Sequence[int], query_inputs: Sequenc
   later finds its programs ready (it waits for a shape still compiling instead of compiling it twice).
   Tracing, lowering and compiling (or reading the persistent compilation cache) then overlap the device work
   of what runs before: on a GPU that first use costs about half a second per shape warm and seconds cold.
-  Multi-token labels are not precompiled. The context is encoded here too (its compile is shared).
+  Multi-token labels are not precompiled. The context is encoded on a worker too (the first use of the
+  encoder, ~1-2 s on a GPU host, stays off the caller's thread; that cache is dropped once the batch shapes
+  have compiled, and the evaluation encodes its own).
   """
-  setup = _setup(model, context, query_inputs, label_tokens, record=record, pad_id=pad_id, **options)
+  setup = _setup(model, context, query_inputs, label_tokens, record=record, pad_id=pad_id, encode=False,
+                 **options)
   if not setup.single:
     return 0
   lengths = np.asarray([len(query) + 1 for query in query_inputs])
   label_ids = _label_slots(setup.label_ids)
   # Thread-local settings the worker must trace under, as the evaluation will.
   precision, x64 = jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64
-  started = 0
-  for bucket, rows, _ in setup.batching(lengths):
-    key = _ahead_key(setup, record, (rows, bucket), len(label_ids))
-    if key in _AHEAD:
-      continue
-    tokens = setup.place(np.full((rows, bucket), pad_id, np.int32))
-    batch_lengths = setup.place(np.full((rows,), bucket, np.int32))
+  shapes = [(bucket, rows) for bucket, rows, _ in setup.batching(lengths)
+            if _ahead_key(setup, record, (rows, bucket), len(label_ids)) not in _AHEAD]
+  if not shapes:
+    return 0
+  encoded = concurrent.futures.Future()  # the cache, for this call's compiles only (no reference kept after)
+  encode_key = ("encode", setup.graphdef, setup.cache_signature)
 
-    def compile_batch(tokens=tokens, batch_lengths=batch_lengths):
+  def encode():
+    with jax.default_matmul_precision(precision), jax.enable_x64(x64):
+      try:
+        encoded.set_result(setup.encode_cache())
+      except BaseException as error:  # the compiles report it; the evaluation raises it itself
+        encoded.set_exception(error)
+        raise
+
+  done = executor.submit(encode)
+  _AHEAD.setdefault(encode_key, done)
+  for bucket, rows in dict.fromkeys(shapes):
+
+    def compile_batch(bucket=bucket, rows=rows):
+      cache = encoded.result()
+      tokens = setup.place(np.full((rows, bucket), pad_id, np.int32))
+      batch_lengths = setup.place(np.full((rows,), bucket, np.int32))
       with jax.default_matmul_precision(precision), jax.enable_x64(x64):
-        return _score_batch.lower(setup.graphdef, setup.state, setup.cache, tokens, batch_lengths, label_ids,
+        return _score_batch.lower(setup.graphdef, setup.state, cache, tokens, batch_lengths, label_ids,
                                   record=record).compile()
 
-    _AHEAD[key] = executor.submit(compile_batch)
-    started += 1
-  return started
+    _AHEAD[_ahead_key(setup, record, (rows, bucket), len(label_ids))] = executor.submit(compile_batch)
+  return len(dict.fromkeys(shapes))
 
 
 precompile.__doc__ += "\n  Args: as :func:`evaluate`, plus ``executor`` (e.g. a ``ThreadPoolExecutor``).\n" + _EVAL_OPTIONS_DOC

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import multiprocessing
 import pathlib
 import signal
 import sys
@@ -63,6 +64,7 @@ flags.DEFINE_integer("eval_prefix_multiple", None, "cache ICL contexts right-pad
 flags.DEFINE_bool("save_records", None, "write records/*.npz, the per-example analysis arrays (default true)")
 flags.DEFINE_integer("compile_workers", None, "threads compiling every evaluation's batch shapes ahead, overlapping device work (default 0: on first use; GPU: 4)")
 flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; the program holds one layer body whatever the depth)")
+flags.DEFINE_enum("prefix_attention", None, ["xla", "cudnn"], "ICL prefix attention: xla (default, any device) or cudnn (fused kernel; CUDA GPU, bfloat16)")
 flags.DEFINE_enum("analysis", None, ["host", "device"], "metrics in float64 numpy on the host (default) or in float32 jax on the device (GPU: records stay there)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 
@@ -71,7 +73,7 @@ _OVERRIDES = ("model", "k", "seed", "seeds", "perm_id", "perm_ids", "lr", "lr_sw
               "settings", "model_init", "kendall_max_examples", "data_dir", "dtype", "matmul_precision", "mesh",
               "eval_tokens_per_batch", "eval_score_budget", "eval_minimum_bucket", "eval_fixed_rows", "eval_bucket_midpoints",
               "ft_bucket_multiple", "eval_prefix_multiple", "scan_layers", "save_records", "analysis", "trust_pickle",
-              "compile_workers")
+              "compile_workers", "prefix_attention")
 
 
 def _model_slug(model: str) -> str:
@@ -123,6 +125,26 @@ def _loader_once():
   return load
 
 
+def _plot_run(folder) -> None:
+  """experiments.plot.plot_run, imported on first use (matplotlib is not imported before any work starts)."""
+  from experiments import plot
+  plot.plot_run(folder)
+
+
+def _import_plot() -> None:
+  """Run first in the plotting process: matplotlib's import there overlaps this process's start."""
+  from experiments import plot  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+
+
+def _plotting_process() -> concurrent.futures.ProcessPoolExecutor:
+  """One spawned process that draws the plots of ``--task all``: matplotlib's work (seconds per task on a
+  slow host) then does not hold this process's GIL while the next task dispatches device work. Spawned,
+  not forked: this process has threads and may hold a GPU."""
+  pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+  pool.submit(_import_plot)
+  return pool
+
+
 def _dry_run(config, workdir) -> None:
   from dualform import compare
   plan = compare.plan(config)
@@ -139,11 +161,11 @@ def main(argv):
   # SIGTERM unwinds like an error, so the temporary run folder is removed (nothing half-written remains).
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   from dualform import compare, runs
-  from experiments import plot
 
   # Several tasks: a task's results files, plots and folder commit run on this thread while the next task
   # computes (the first error among them is raised at the end, like any other).
   finishing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dualform-finish")
+  plotting = None
   pending = []
   try:
     jobs = build_configs()
@@ -153,12 +175,16 @@ def main(argv):
       if not FLAGS.dry_run:
         runs.check_run_folder(workdir, FLAGS.overwrite)
     defer = (lambda finish: pending.append(finishing.submit(finish))) if len(jobs) > 1 else None
+    finalize = [_plot_run]
+    if defer is not None and not FLAGS.dry_run:
+      plotting = _plotting_process()
+      finalize = [lambda folder: plotting.submit(_plot_run, str(folder)).result()]
     for config, workdir in jobs:
       print(f"# config of {config.task} -> {workdir}\n{config}", flush=True)
       if FLAGS.dry_run:
         _dry_run(config, workdir)
         continue
-      results = compare.run(config, workdir, overwrite=FLAGS.overwrite, finalize=[plot.plot_run],
+      results = compare.run(config, workdir, overwrite=FLAGS.overwrite, finalize=finalize,
                             log=logging.info, load_pretrained=load, defer=defer)
       print(compare.summary_markdown(results), flush=True)
     for future in pending:
@@ -169,6 +195,8 @@ def main(argv):
     sys.exit(2)
   finally:
     finishing.shutdown(wait=True)  # earlier tasks' folders are still committed when a later one fails
+    if plotting is not None:
+      plotting.shutdown(wait=True)
 
 
 if __name__ == "__main__":

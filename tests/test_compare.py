@@ -205,10 +205,17 @@ def test_config_validation_and_runs():
                                 ("perm_ids", "0,1", "one per seed"),
                                 ("seeds", "a,b", "comma list"),
                                 ("model_init", "random", "unknown model_init"),
-                                ("compile_workers", -1, "compile_workers must be >= 0")):
+                                ("compile_workers", -1, "compile_workers must be >= 0"),
+                                ("prefix_attention", "flash", "unknown prefix_attention 'flash'"),
+                                ("prefix_attention", "cudnn", "needs --dtype bfloat16")):
     bad = configs.get_config("cb")
     setattr(bad, field, value)
     with pytest.raises(ValueError, match=message):
+      compare.validate_config(bad)
+  if jax.default_backend() != "gpu":
+    bad = configs.get_config("cb")
+    bad.prefix_attention, bad.dtype = "cudnn", "bfloat16"
+    with pytest.raises(ValueError, match="needs a CUDA GPU; this run's backend is cpu"):
       compare.validate_config(bad)
   with pytest.raises(ValueError, match="unknown task"):
     configs.get_config("imdb")

@@ -123,3 +123,21 @@ def test_task_all_loads_the_model_once(monkeypatch):
   assert load("random:tiny-llama", dtype="float32") is first
   assert load("random:tiny-llama", dtype="bfloat16") is not first
   assert calls == [("random:tiny-llama", {"dtype": "float32"}), ("random:tiny-llama", {"dtype": "bfloat16"})]
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cb" / "train.jsonl").is_file()
+                    and not os.environ.get("DUALFORM_DATA_DIR"), reason="needs the shared datasets")
+def test_cli_task_all_writes_every_task_folder(tmp_path):
+  """``--task all`` (a tiny model, 3 examples per task): six complete folders, each with its plots, drawn
+  by the spawned plotting process while later tasks run."""
+  workdir = tmp_path / "all"
+  command = [sys.executable, "-m", "experiments.compare", "--task", "all", "--model", "random:tiny-llama",
+             "--max_examples", "3", "--k", "2", "--workdir", str(workdir)]
+  environment = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=environment)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert sorted(path.name for path in workdir.iterdir()) == ["agnews", "cb", "mr", "sst2", "sst5", "subj"]
+  for folder in workdir.iterdir():
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "results.json", "summary.md", "simaou.png", "simam.png", "accuracy.png"} <= names, folder
+    assert json.loads((folder / "results.json").read_text())["task"] == folder.name

@@ -253,11 +253,21 @@ def test_tasks_with_different_label_counts_share_compiled_batches():
   np.testing.assert_array_equal(five.label_scores[:, :3], three.label_scores)
 
 
-def test_precompile_traces_on_worker_threads_and_the_evaluation_reuses_it():
-  """precompile traces and compiles every batch shape of an evaluation on the executor's threads, under the
-  caller's matmul precision; the evaluation then traces nothing and gives the reference's scores."""
+def test_precompile_traces_on_worker_threads_and_the_evaluation_reuses_it(monkeypatch):
+  """precompile encodes the context and traces and compiles every batch shape of an evaluation on the
+  executor's threads (none of it on the caller's), under the caller's matmul precision; the evaluation then
+  traces nothing and gives the reference's scores."""
   import concurrent.futures
+  import threading
 
+  encoders = []
+  original = evaluate._encode_prefix  # pylint: disable=protected-access
+
+  def recording_encoder(*args):
+    encoders.append(threading.get_ident())
+    return original(*args)
+
+  monkeypatch.setattr(evaluate, "_encode_prefix", recording_encoder)
   model = build_model(tiny_config("fairseq_dense"), seed=8)
   context, queries = _inputs(seed=9, count=19)
   labels = [[5], [9], [17]]
@@ -271,6 +281,7 @@ def test_precompile_traces_on_worker_threads_and_the_evaluation_reuses_it():
     for future in list(evaluate._AHEAD.values()):  # pylint: disable=protected-access
       future.result()
     assert started >= 2 and evaluate._TRACES["score"] - before == started  # pylint: disable=protected-access
+    assert len(encoders) == 1 and encoders[0] != threading.get_ident()
     fast = evaluate.evaluate(model, context, queries, labels, **kwargs)
     assert evaluate._TRACES["score"] - before == started and fast.traces == started  # pylint: disable=protected-access
     slow = evaluate.evaluate_full_sequences(model, context, queries, labels)

@@ -544,6 +544,8 @@ def test_forward_argument_errors():
     ("fairseq_dense", dict(head_dim=16), "num_heads \\* head_dim == embed_dim"),
     ("fairseq_dense", dict(num_kv_heads=2), "no grouped-query attention"),
     ("fairseq_dense", dict(padding_idx=-1), "padding_idx must be >= 0"),
+    ("llama", dict(prefix_attention="flash"), "unknown prefix_attention 'flash'"),
+    ("llama", dict(prefix_attention="cudnn"), "prefix_attention 'cudnn' needs dtype bfloat16 or float16"),
 ])
 def test_bad_config_values_are_refused(family, overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -664,3 +666,27 @@ def test_padded_prefix_cache_is_refused_for_momentum_attention():
   cache = run_encode_prefix(model, random_tokens(33, (1, 6)))._replace(valid_length=jnp.asarray(4, jnp.int32))
   with pytest.raises(ValueError, match="momentum attention needs an unpadded prefix"):
     model.forward(random_tokens(34, (1, 3)), cache=cache)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_prefix_attention_setting_of_a_bfloat16_model(scan):
+  """``prefix_attention="cudnn"``: a prefix shorter than FUSED_PREFIX_MIN_LENGTH keeps the XLA path (the
+  same logits bit for bit); a longer one runs cuDNN's kernel on a GPU (logits as close to the XLA path's as
+  bfloat16 allows) and is refused with a one-line error elsewhere."""
+  model = _with_scan(random_model("llama", num_layers=2, dtype="bfloat16", param_dtype="bfloat16"), scan)
+  fused = transformer_lib.set_prefix_attention(nnx.merge(*nnx.split(model)), "cudnn")
+  assert fused.layers[1].attn.config.prefix_attention == "cudnn" and model.config.prefix_attention == "xla"
+  batch = random_tokens(41, (3, 6))
+  short, long = random_tokens(42, (1, 5)), random_tokens(43, (1, transformer_lib.FUSED_PREFIX_MIN_LENGTH))
+  same = run_forward(fused, batch, cache=run_encode_prefix(model, short)).logits
+  np.testing.assert_array_equal(np.asarray(same, np.float32),
+                                np.asarray(run_forward(model, batch, cache=run_encode_prefix(model, short)).logits,
+                                           np.float32))
+  cache = run_encode_prefix(model, long)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a CUDA GPU; use 'xla'"):
+      run_forward(fused, batch, cache=cache)
+  else:
+    xla = np.asarray(run_forward(model, batch, cache=cache).logits, np.float32)
+    assert np.abs(np.asarray(run_forward(fused, batch, cache=cache).logits, np.float32) - xla).max() <= 0.05 * (
+        np.abs(xla).max())

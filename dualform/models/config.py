@@ -68,6 +68,10 @@ class TransformerConfig:
       the call layout changes: parameters stay per layer. Used when every layer has the same attention
       kind, else the unrolled loop runs. Off by default (the stack costs one copy of the layer weights
       per call, which the CPU path does not need).
+    prefix_attention: how softmax layers attend to a shared cached prefix (``dualform.attention.
+      prefix_attention``): ``"xla"`` (default, any backend and dtype) or ``"cudnn"`` (cuDNN's fused
+      kernel for the prefix block: CUDA GPUs, bfloat16 or float16 compute; same attention, other rounding;
+      prefixes shorter than ``transformer.FUSED_PREFIX_MIN_LENGTH`` keys keep the XLA path).
   """
 
   name: str
@@ -91,6 +95,7 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = False
+  prefix_attention: str = "xla"
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -127,6 +132,11 @@ class TransformerConfig:
           raise ValueError(f"layer {layer} uses momentum attention but has no eta; set momentum_eta")
         if kind == "momentum" and self.learn_momentum_eta and not 0.0 < eta < 1.0:
           raise ValueError(f"layer {layer}: a learned eta starts from momentum_eta in (0, 1); got {eta}")
+    if self.prefix_attention not in ("xla", "cudnn"):
+      raise ValueError(f"unknown prefix_attention {self.prefix_attention!r}; choose 'xla' or 'cudnn'")
+    if self.prefix_attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"prefix_attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN has no {self.dtype} "
+                       "fused attention); use 'xla'")
     if self.momentum_method not in ("scan", "associative_scan"):
       raise ValueError(f"unknown momentum_method {self.momentum_method!r}; use scan or associative_scan")
     if self.dtype not in ("float32", "bfloat16", "float16", "float64"):

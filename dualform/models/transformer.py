@@ -37,6 +37,10 @@ from dualform.models.config import TransformerConfig
 
 _INIT_STDDEV = 0.02
 
+# config.prefix_attention applies to cached prefixes of at least this many keys; shorter ones (the zero-shot
+# context, one <s> token) keep the XLA path, where there is nothing to fuse, and so their exact numbers.
+FUSED_PREFIX_MIN_LENGTH = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordSpec:
@@ -200,8 +204,10 @@ class Attention(nnx.Module):
     if shared_prefix:
       # One batch-1 prefix serves every row: no per-row copy and no [batch, heads, seq, prefix + seq] tensor.
       prefix_k, prefix_v = (array.astype(k.dtype) for array in prefix)
-      out = attn_core.prefix_attention(q, k, v, prefix_k, prefix_v, kind=self.kind, scale=scale,
-                                       prefix_length=prefix_length)
+      fused = self.kind == "softmax" and prefix_k.shape[1] >= FUSED_PREFIX_MIN_LENGTH
+      out = attn_core.prefix_attention(
+          q, k, v, prefix_k, prefix_v, kind=self.kind, scale=scale, prefix_length=prefix_length,
+          implementation=cfg.prefix_attention if fused else "xla")
       if wants_scores:
         # Only the recorded rows of the score matrix: [batch, heads, P, prefix + seq].
         picked_q = _gather_positions(q, record_positions)
@@ -437,6 +443,16 @@ def set_attention(model: Transformer, kind: str, eta: float | None = None,
   for layer, block in enumerate(model.layers):
     block.attn.kind, block.attn.eta = config.layer_attention(layer)
     block.attn.config = config
+  model.config = config
+  return model
+
+
+def set_prefix_attention(model: Transformer, implementation: str) -> Transformer:
+  """Sets ``config.prefix_attention`` (``"xla"`` or ``"cudnn"``) of the model and of every layer, in place;
+  returns the model. Static, like the attention kind: a jitted function retraces once."""
+  config = model.config.replace(prefix_attention=implementation)  # validates it
+  for block in model.layers:
+    block.attn.config = block.attn.config.replace(prefix_attention=implementation)
   model.config = config
   return model
 

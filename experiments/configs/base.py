@@ -74,6 +74,8 @@ def get_config(task: str = "cb") -> ml_collections.ConfigDict:
   # Threads that compile every evaluation's batch shapes at the start of a run, overlapping the FT steps and
   # earlier batches (GPU: about half a second per shape warm, seconds cold); 0 compiles on first use.
   config.compile_workers = 0
+  # ICL's shared-prefix attention: "xla" (any device), or "cudnn" (fused prefix block; CUDA GPU, bfloat16)
+  config.prefix_attention = "xla"
   config.ft_bucket_multiple = 32  # FT sequences are padded to a multiple of this (one jitted step for all)
   config.log_every_seconds = 30.0  # periodic progress line interval when stderr is not a TTY
   return config.lock()
