@@ -423,6 +423,19 @@ def _fit_last_axis(array, length: int):
   return pad(array, [(0, 0)] * (array.ndim - 1) + [(0, length - array.shape[-1])])
 
 
+@functools.partial(jax.jit, static_argnames=("width", "mask_queries"))
+def _assemble_record(parts: tuple, rows, lengths, *, width: int | None, mask_queries: bool):
+  """One record's whole batches (in batch order, their last axes may differ) -> example order [N, ...]:
+  every part's last axis cut or zero-padded to ``width`` (when given), concatenated, gathered at ``rows``
+  [N]; with ``mask_queries`` the keys at or past each example's length ``lengths`` [N] are zeroed."""
+  if width is not None:
+    parts = [_fit_last_axis(part, width) for part in parts]
+  out = jnp.concatenate(parts)[rows]
+  if mask_queries:
+    out = out * (jnp.arange(out.shape[-1]) < lengths[:, None])[:, None, None, None, :]
+  return out
+
+
 def _label_slots(label_ids: np.ndarray) -> jax.Array:
   """Label ids padded to a power of two (at least 8) slots by repeating label 0, so tasks with 2, 3, 4 or 5
   labels share compiled shapes; the padding columns are dropped on the host."""
@@ -484,14 +497,13 @@ def _evaluate_single(setup: _Setup, sequences, record, pad_id, progress,
     done += len(finished)
     if progress is not None:
       progress(done)
-  if on_device:  # whole batches -> example order with one gather per record (few small device programs)
-    gather = jnp.asarray(example_rows)
+  if on_device:  # whole batches -> example order: one jitted program per record (not a chain of eager ops)
+    gather, device_lengths = jax.device_put(example_rows.astype(np.int32)), jax.device_put(lengths.astype(np.int32))
     for name, parts in on_device.items():
-      if name == "query_scores":  # buckets differ in length: pad each batch's keys to the longest
-        widest = max(part.shape[-1] for part in parts)
-        parts = [_fit_last_axis(part, widest) for part in parts]
-      collected[name] = trim(name, jnp.concatenate(parts)[gather])
-  if "query_scores" in collected:  # zero the keys beyond each example's query part
+      width = {"context_scores": context_length, "query_scores": query_max}.get(name)
+      collected[name] = _assemble_record(tuple(parts), gather, device_lengths, width=width,
+                                         mask_queries=name == "query_scores")
+  elif "query_scores" in collected:  # zero the keys beyond each example's query part
     valid = np.arange(query_max)[None, :] < lengths[:, None]
     collected["query_scores"] = collected["query_scores"] * valid[:, None, None, None, :]
   label_scores = collected.pop("label_scores")

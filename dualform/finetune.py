@@ -158,6 +158,14 @@ def _train_step(graphdef, trainable, frozen, optimizer_state, tokens, loss_mask,
   return trainable, optimizer_state, loss, queries
 
 
+@jax.jit
+def _demo_token_queries(step_queries: tuple, rows):
+  """The steps' recorded queries ([bucket, L, D] each) stacked to [steps * bucket, L, D] and gathered at
+  ``rows`` [T]: [T, L, D] (one program instead of an eager stack and gather)."""
+  stacked = jnp.stack(step_queries)
+  return stacked.reshape((-1,) + stacked.shape[2:])[rows]
+
+
 def finetune(model: Transformer, sequences: Sequence[Sequence[int]], config: FinetuneConfig, *,
              has_bos: bool, pad_id: int = 0, log: Callable[[str], None] | None = None) -> FinetuneResult:
   """Finetunes a copy of ``model`` on ``sequences`` (one SGD step each, in order; PROTOCOL.md §7).
@@ -207,7 +215,7 @@ def finetune(model: Transformer, sequences: Sequence[Sequence[int]], config: Fin
       queries.append(step_queries)  # [bucket, L, D]: cut to the demo tokens after the loop, in one gather
     counts.append(len(sequence) - first_demo_token)
   model = nnx.merge(graphdef, trainable, frozen)
-  losses = np.asarray(jax.device_get(jnp.stack(losses)), np.float64)
+  losses = np.asarray(jax.device_get(losses), np.float64)  # one transfer per scalar, no program per step count
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"finetuning loss is not finite at step {int(np.argmin(np.isfinite(losses)))}; "
                              "lower the learning rate")
@@ -215,8 +223,7 @@ def finetune(model: Transformer, sequences: Sequence[Sequence[int]], config: Fin
   if config.record_queries:  # rows step * bucket + position of every demo token, gathered on the device
     rows = np.concatenate([step * bucket + np.arange(first_demo_token, len(sequence))
                            for step, sequence in enumerate(sequences)])
-    stacked = jnp.stack(queries)  # [steps, bucket, L, D]
-    all_queries = stacked.reshape((-1,) + stacked.shape[2:])[jax.device_put(rows)]
+    all_queries = _demo_token_queries(tuple(queries), jax.device_put(rows.astype(np.int32)))
     if not config.queries_on_device:
       all_queries = np.asarray(all_queries)
   return FinetuneResult(model=model, losses=losses, queries=all_queries, demo_token_counts=np.asarray(counts),
