@@ -140,8 +140,11 @@ def prefix_block_cudnn(q: Float[Array, "B T N H"], prefix_k: Float[Array, "1 C K
   returns it rounded to q's dtype, too coarse to merge with another key block (bfloat16 spacing is 1/16 at
   lse ~ 10).
   """
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
-
+  try:  # private: the public wrapper rounds the log-sum-exp to q's dtype (BUILD_NOTES.md, Decisions)
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ValueError(f"prefix attention implementation 'cudnn' needs jax's cuDNN attention module, which jax "
+                     f"{jax.__version__} does not have; use 'xla'") from None
   if jax.default_backend() != "gpu":
     raise ValueError("prefix attention implementation 'cudnn' needs a CUDA GPU; use 'xla' on "
                      f"{jax.default_backend()}")
