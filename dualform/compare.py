@@ -167,6 +167,9 @@ def validate_config(config) -> None:
     raise ValueError(f"unknown prefix_attention {prefix_attention!r}; choose xla or cudnn")
   if prefix_attention == "cudnn" and config.dtype not in ("bfloat16", "float16"):
     raise ValueError(f"prefix_attention cudnn needs --dtype bfloat16 (cuDNN has no {config.dtype} fused attention)")
+  if prefix_attention == "cudnn" and config.get("mesh"):
+    raise ValueError("prefix_attention cudnn runs on one device (its sharded form is not built or tested); "
+                     "drop --mesh or use xla")
   if prefix_attention == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(f"prefix_attention cudnn needs a CUDA GPU; this run's backend is {jax.default_backend()}: "
                      "use xla")

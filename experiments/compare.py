@@ -64,7 +64,7 @@ flags.DEFINE_integer("eval_prefix_multiple", None, "cache ICL contexts right-pad
 flags.DEFINE_bool("save_records", None, "write records/*.npz, the per-example analysis arrays (default true)")
 flags.DEFINE_integer("compile_workers", None, "threads compiling every evaluation's batch shapes ahead, overlapping device work (default 0: on first use; GPU: 4)")
 flags.DEFINE_bool("scan_layers", None, "run the layers as one lax.scan (same results; the program holds one layer body whatever the depth)")
-flags.DEFINE_enum("prefix_attention", None, ["xla", "cudnn"], "ICL prefix attention: xla (default, any device) or cudnn (fused kernel; CUDA GPU, bfloat16)")
+flags.DEFINE_enum("prefix_attention", None, ["xla", "cudnn"], "ICL prefix attention: xla (default, any device) or cudnn (fused kernel; one CUDA GPU, bfloat16)")
 flags.DEFINE_enum("analysis", None, ["host", "device"], "metrics in float64 numpy on the host (default) or in float32 jax on the device (GPU: records stay there)")
 flags.DEFINE_bool("dry_run", False, "validate, load data, pack contexts and print the plan; write nothing")
 

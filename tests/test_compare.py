@@ -212,9 +212,12 @@ def test_config_validation_and_runs():
     setattr(bad, field, value)
     with pytest.raises(ValueError, match=message):
       compare.validate_config(bad)
+  bad = configs.get_config("cb")
+  bad.prefix_attention, bad.dtype, bad.mesh = "cudnn", "bfloat16", "data=1"
+  with pytest.raises(ValueError, match="runs on one device"):
+    compare.validate_config(bad)
   if jax.default_backend() != "gpu":
-    bad = configs.get_config("cb")
-    bad.prefix_attention, bad.dtype = "cudnn", "bfloat16"
+    bad.mesh = ""
     with pytest.raises(ValueError, match="needs a CUDA GPU; this run's backend is cpu"):
       compare.validate_config(bad)
   with pytest.raises(ValueError, match="unknown task"):

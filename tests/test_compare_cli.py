@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from compare_fixtures import cached_loader, write_cb, write_jsonl
+from dualform.data import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -125,8 +126,8 @@ def test_task_all_loads_the_model_once(monkeypatch):
   assert calls == [("random:tiny-llama", {"dtype": "float32"}), ("random:tiny-llama", {"dtype": "bfloat16"})]
 
 
-@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cb" / "train.jsonl").is_file()
-                    and not os.environ.get("DUALFORM_DATA_DIR"), reason="needs the shared datasets")
+@pytest.mark.skipif(not (tasks.default_data_dir() / "agnews" / "test.jsonl").is_file(),
+                    reason="needs the shared datasets (../shared/data or $DUALFORM_DATA_DIR)")
 def test_cli_task_all_writes_every_task_folder(tmp_path):
   """``--task all`` (a tiny model, 3 examples per task): six complete folders, each with its plots, drawn
   by the spawned plotting process while later tasks run."""
