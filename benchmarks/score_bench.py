@@ -14,7 +14,7 @@ and prints how far their label scores are from the XLA path's on the same batch.
 Command (H200)::
 
   python3 -m benchmarks.score_bench --model fairseq-dense-2.7b --dtype bfloat16 --icl_rows 124,256,512
-  python3 -m benchmarks.score_bench --prefix_attention cudnn --icl_rows 124,248 --zsl_rows 512
+  python3 -m benchmarks.score_bench --prefix_attention cudnn --icl_rows 124 --zsl_rows 512
 
 CPU check: ``python -m benchmarks.score_bench --model tiny-fairseq --dtype float32 --cache 64 --bucket 16
 --zsl_rows 8 --icl_rows 4,8 --repeats 2``.
@@ -59,7 +59,7 @@ def main(argv):
               for rows in FLAGS.zsl_rows for records in (True, False)]
   variants += [(f"icl {name} rows={rows}{' records' if records else ''}", cache, int(rows), records, program)
                for rows in FLAGS.icl_rows for records in (True, False) for name, program in implementations.items()]
-  results, agreement, batches = [], [], {}
+  results, agreement, batches, xla_scores = [], [], {}, {}
   for name, prefix_cache, rows, records, program in variants:
     setting = "icl" if prefix_cache is not None else "zsl"
     record = SETTINGS[setting].record if records else evaluate.NO_RECORDS
@@ -74,10 +74,10 @@ def main(argv):
     if prefix_cache is not None and len(implementations) > 1:
       key = (rows, records)
       if program is graphdef:
-        batches[key] = scored["label_scores"]
+        xla_scores[key] = scored["label_scores"]
       else:
-        difference = float(jnp.max(jnp.abs(scored["label_scores"] - batches[key])))
-        spread = float(jnp.max(jnp.abs(batches[key])))
+        difference = float(jnp.max(jnp.abs(scored["label_scores"] - xla_scores[key])))
+        spread = float(jnp.max(jnp.abs(xla_scores[key])))
         agreement.append(f"{name}: max |label score - xla's| {difference:.3g} (scores up to {spread:.3g})")
     del scored
     times = []
