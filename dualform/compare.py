@@ -45,6 +45,7 @@ from dualform import metrics_device
 from dualform import params as params_lib
 from dualform import runs
 from dualform.data import packing, tasks
+from dualform.attention import PREFIX_IMPLEMENTATIONS
 from dualform.data.templates import format_input
 from dualform.evaluate import EvalRecordSpec
 from dualform.models.transformer import Transformer, build_model, param_count, set_prefix_attention
@@ -163,8 +164,8 @@ def validate_config(config) -> None:
   if int(config.get("compile_workers", 0)) < 0:
     raise ValueError(f"compile_workers must be >= 0 (0: compile on first use); got {config.compile_workers}")
   prefix_attention = config.get("prefix_attention", "xla")
-  if prefix_attention not in ("xla", "cudnn"):
-    raise ValueError(f"unknown prefix_attention {prefix_attention!r}; choose xla or cudnn")
+  if prefix_attention not in PREFIX_IMPLEMENTATIONS:
+    raise ValueError(f"unknown prefix_attention {prefix_attention!r}; choose one of {PREFIX_IMPLEMENTATIONS}")
   if prefix_attention == "cudnn" and config.dtype not in ("bfloat16", "float16"):
     raise ValueError(f"prefix_attention cudnn needs --dtype bfloat16 (cuDNN has no {config.dtype} fused attention)")
   if prefix_attention == "cudnn" and config.get("mesh"):

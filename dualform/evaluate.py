@@ -455,11 +455,11 @@ def _evaluate_single(setup: _Setup, sequences, record, pad_id, progress,
   example_rows = np.empty((count,), np.int64)  # records_on_device: row of each example in those batches
   pending, shapes, done, rows_so_far = [], set(), 0, 0
 
+  # Last-axis widths of the records with padding keys: a padded cache's context keys, query keys past query_max.
+  widths = {"context_scores": context_length, "query_scores": query_max}
+
   def trim(name, value):
-    """Drops the padding keys of a record: a padded cache's context keys, query keys past query_max."""
-    if name == "context_scores":
-      return value[..., :context_length]
-    return _fit_last_axis(value, query_max) if name == "query_scores" else value
+    return _fit_last_axis(value, widths[name]) if name in widths else value
 
   def collect(indices, outputs):
     """Copies one finished batch into the per-example arrays (blocks until the device is done with it);
@@ -500,8 +500,7 @@ def _evaluate_single(setup: _Setup, sequences, record, pad_id, progress,
   if on_device:  # whole batches -> example order: one jitted program per record (not a chain of eager ops)
     gather, device_lengths = jax.device_put(example_rows.astype(np.int32)), jax.device_put(lengths.astype(np.int32))
     for name, parts in on_device.items():
-      width = {"context_scores": context_length, "query_scores": query_max}.get(name)
-      collected[name] = _assemble_record(tuple(parts), gather, device_lengths, width=width,
+      collected[name] = _assemble_record(tuple(parts), gather, device_lengths, width=widths.get(name),
                                          mask_queries=name == "query_scores")
   elif "query_scores" in collected:  # zero the keys beyond each example's query part
     valid = np.arange(query_max)[None, :] < lengths[:, None]

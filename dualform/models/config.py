@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from dualform.attention import ATTENTION_KINDS
+from dualform.attention import ATTENTION_KINDS, PREFIX_IMPLEMENTATIONS
 
 Family = Literal["fairseq_dense", "llama"]
 FAMILIES: tuple[str, ...] = ("fairseq_dense", "llama")
@@ -132,8 +132,8 @@ class TransformerConfig:
           raise ValueError(f"layer {layer} uses momentum attention but has no eta; set momentum_eta")
         if kind == "momentum" and self.learn_momentum_eta and not 0.0 < eta < 1.0:
           raise ValueError(f"layer {layer}: a learned eta starts from momentum_eta in (0, 1); got {eta}")
-    if self.prefix_attention not in ("xla", "cudnn"):
-      raise ValueError(f"unknown prefix_attention {self.prefix_attention!r}; choose 'xla' or 'cudnn'")
+    if self.prefix_attention not in PREFIX_IMPLEMENTATIONS:
+      raise ValueError(f"unknown prefix_attention {self.prefix_attention!r}; choose one of {PREFIX_IMPLEMENTATIONS}")
     if self.prefix_attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
       raise ValueError(f"prefix_attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN has no {self.dtype} "
                        "fused attention); use 'xla'")
